@@ -1,0 +1,172 @@
+"""BERT-family encoders (BERT, RoBERTa, MiniLM, ...: any `BertConfig`/`RobertaConfig`) as a linen module.
+
+Parameter layout: `embeddings/{word,position,token_type}_embeddings/embedding`, `embeddings/norm`,
+`encoder/layer_{i}/{attention/{query,key,value,out},attention_norm,mlp/{fc1,fc2},mlp_norm}`, `pooler/dense`.
+`load` lives in `tljax.models.pretrained`; this file owns the family's config mapping and key table.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from tljax.models import layers
+from tljax.models.convert import KeyMap, Rule, dense_rules, norm_rules
+
+MODEL_TYPES = ("bert", "roberta")
+PREFIXES = ("bert.", "roberta.")  # base-model prefixes of *ForXxx checkpoints
+DEFAULT_POOLING = "cls"
+# Dropped on purpose and reported: buffers and pretraining heads (MLM / NSP / LM), not part of the backbone.
+IGNORE = (r"position_ids$", r"^cls\.", r"^lm_head\.", r"^classifier\.", r"^qa_outputs\.")
+
+
+class Embeddings(nn.Module):
+    """word + token type + position embeddings, then LayerNorm (dropout is applied by the caller)."""
+
+    vocab_size: int
+    width: int
+    max_positions: int
+    type_vocab_size: int
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids):
+        embed = lambda n, name: nn.Embed(n, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         embedding_init=nn.initializers.normal(0.02), name=name)
+        x = (embed(self.vocab_size, "word_embeddings")(input_ids)
+             + embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids)
+             + embed(self.max_positions, "position_embeddings")(position_ids))
+        return nn.LayerNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+
+
+class Pooler(nn.Module):
+    """tanh(dense(first token)): BERT's and ViT's `pooler_output`."""
+
+    width: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")
+        return jnp.tanh(dense(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """HF `BertModel`/`RobertaModel`: inputs and outputs under HF names; `train=True` enables dropout."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    act: str = "gelu"
+    eps: float = 1e-12
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pad_token_id: int = 0
+    roberta_positions: bool = False  # RoBERTa counts positions from pad_token_id + 1, skipping padding
+    add_pooling_layer: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 train: bool = False):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = self._positions(input_ids)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Embeddings(self.vocab_size, self.hidden_size, self.max_positions, self.type_vocab_size, self.eps,
+                       name="embeddings", **kw)(input_ids, token_type_ids, position_ids)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        block = functools.partial(
+            layers.Block, self.num_heads, self.intermediate_size, self.act, pre_norm=False, eps=self.eps,
+            dropout=self.dropout, attention_dropout=self.attention_dropout, **kw)
+        x = layers.Encoder(self.num_layers, block, name="encoder")(x, layers.padding_mask(attention_mask),
+                                                                   train=train)
+        out = {"last_hidden_state": x}
+        if self.add_pooling_layer:
+            out["pooler_output"] = Pooler(self.hidden_size, name="pooler", **kw)(x)
+        return out
+
+    def _positions(self, input_ids):
+        if not self.roberta_positions:
+            return jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        not_pad = (input_ids != self.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=-1) * not_pad + self.pad_token_id
+
+
+def build(hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(),
+          add_pooling_layer: bool | None = None) -> BertModel:
+    """The linen module for an HF `BertConfig`/`RobertaConfig`.
+
+    Args:
+      add_pooling_layer: None means "if the checkpoint has pooler weights".
+    """
+    c = hf_config
+    if getattr(c, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type={c.position_embedding_type!r} is not supported (absolute only)")
+    if add_pooling_layer is None:
+        add_pooling_layer = any("pooler." in k for k in checkpoint_keys) or not checkpoint_keys
+    return BertModel(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_positions=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        act=c.hidden_act, eps=c.layer_norm_eps, dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob, pad_token_id=c.pad_token_id or 0,
+        roberta_positions=c.model_type == "roberta", add_pooling_layer=add_pooling_layer,
+        dtype=dtype, param_dtype=param_dtype)
+
+
+def dummy_inputs(hf_config) -> dict:
+    """Smallest inputs that build every parameter (for `init` / `jax.eval_shape`)."""
+    return {"input_ids": np.zeros((1, 2), np.int32)}
+
+
+def num_layers(hf_config) -> int:
+    return hf_config.num_hidden_layers
+
+
+def feature_dim(hf_config) -> int:
+    return hf_config.hidden_size
+
+
+def layer_id(path: str, n_layers: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: embeddings 0, `encoder/layer_i` i+1, above n_layers+1."""
+    if path.startswith("embeddings/"):
+        return 0
+    if path.startswith("encoder/layer_"):
+        return int(path.split("/")[1].removeprefix("layer_")) + 1
+    return n_layers + 1
+
+
+def block_regex(i: int) -> str:
+    """Regex for every parameter of transformer block i."""
+    return rf"^encoder/layer_{i}/"
+
+
+def key_map(hf_config) -> KeyMap:
+    L, P = "encoder.layer.{i}.", "params/encoder/layer_{i}/"
+    rules = [Rule(f"embeddings.{n}.weight", f"params/embeddings/{n}/embedding")
+             for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    rules += norm_rules("embeddings.LayerNorm", "params/embeddings/norm")
+    for torch_name, flax_name in [("attention.self.query", "attention/query"), ("attention.self.key", "attention/key"),
+                                  ("attention.self.value", "attention/value"), ("attention.output.dense", "attention/out"),
+                                  ("intermediate.dense", "mlp/fc1"), ("output.dense", "mlp/fc2")]:
+        rules += dense_rules(L + torch_name, P + flax_name)
+    rules += norm_rules(L + "attention.output.LayerNorm", P + "attention_norm")
+    rules += norm_rules(L + "output.LayerNorm", P + "mlp_norm")
+    rules += dense_rules("pooler.dense", "params/pooler/dense")
+    return KeyMap(rules)
+

@@ -1,0 +1,27 @@
+"""Model families by HF `config.model_type`: a plain dict from type to the family's module.
+
+Each family module provides:
+  MODEL_TYPES, PREFIXES (base-model key prefixes to strip), IGNORE (regexes over checkpoint keys dropped on
+  purpose: buffers, pretraining heads), `build(hf_config, *, dtype, param_dtype, checkpoint_keys, **options)`,
+  DEFAULT_POOLING (head features: "cls", "pooler", ...), `dummy_inputs(hf_config)`, `key_map(hf_config) -> KeyMap`, `feature_dim(hf_config)`, `num_layers(hf_config)`,
+  `layer_id(path, n_layers)` (depth for layer-wise LR decay), `block_regex(i)`, and optionally
+  `adapt(converted, shapes, hf_config) -> {path: note}` for shape adaptation (e.g. position-embedding resampling).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from tljax.models import bert
+
+_MODULES = (
+    bert,
+)
+FAMILIES: dict[str, ModuleType] = {t: m for m in _MODULES for t in m.MODEL_TYPES}
+
+
+def family(model_type: str) -> ModuleType:
+    """The family module for an HF `model_type`; an unknown type lists the supported ones."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; tljax supports: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]

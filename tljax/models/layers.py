@@ -1,0 +1,137 @@
+"""Building blocks shared by the transformer families (BERT, ViT, CLIP).
+
+Submodule names are part of the public parameter paths (`encoder/layer_3/attention/query/kernel`,
+`encoder/layer_3/mlp/fc1/bias`, `encoder/layer_3/attention_norm/scale`), which partition rules match.
+Every LayerNorm's name ends in `norm` so one regex (`norm/`) finds them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "quick_gelu": quick_gelu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable:
+    """The activation HF calls `name`; an unknown name is an error, never a silent substitute."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate query/key/value/out projections (HF layout).
+
+    `mask` is boolean, broadcastable to (batch, heads, q_len, kv_len), True where attention is allowed.
+    """
+
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x, mask=None, *, train: bool = False):
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        dense = lambda name: nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype,
+                                      param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
+        split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
+        q, k, v = (split(dense(n)(x)) for n in ("query", "key", "value"))
+        if self.dropout > 0.0 and train:
+            out = self._attend_with_dropout(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return dense("out")(out.reshape(*x.shape[:-1], width))
+
+    def _attend_with_dropout(self, q, k, v, mask):
+        # jax.nn.dot_product_attention has no dropout; this path only runs in training.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        probs = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2 (BERT's intermediate/output dense, ViT's and CLIP's mlp)."""
+
+    hidden: int
+    act: str = "gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         kernel_init=self.kernel_init, name=name)
+        return dense(x.shape[-1], "fc2")(activation(self.act)(dense(self.hidden, "fc1")(x)))
+
+
+class Block(nn.Module):
+    """A transformer encoder layer, post-norm (BERT) or pre-norm (ViT, CLIP)."""
+
+    num_heads: int
+    mlp_dim: int
+    act: str = "gelu"
+    pre_norm: bool = True
+    eps: float = 1e-12
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, *, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: nn.LayerNorm(epsilon=self.eps, name=name, **kw)
+        drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+        attn = Attention(self.num_heads, self.attention_dropout, name="attention", **kw)
+        mlp = Mlp(self.mlp_dim, self.act, name="mlp", **kw)
+        if self.pre_norm:
+            x = x + drop(attn(norm("attention_norm")(x), mask, train=train))
+            return x + drop(mlp(norm("mlp_norm")(x)))
+        x = norm("attention_norm")(x + drop(attn(x, mask, train=train)))
+        return norm("mlp_norm")(x + drop(mlp(x)))
+
+
+class Encoder(nn.Module):
+    """A stack of `Block`s named `layer_0 ... layer_{n-1}`."""
+
+    num_layers: int
+    block: Callable[..., Block]
+
+    @nn.compact
+    def __call__(self, x, mask=None, *, train: bool = False):
+        for i in range(self.num_layers):
+            x = self.block(name=f"layer_{i}")(x, mask, train=train)
+        return x
+
+
+def padding_mask(attention_mask):
+    """(batch, kv_len) 0/1 mask -> boolean (batch, 1, 1, kv_len) for `jax.nn.dot_product_attention`."""
+    return attention_mask.astype(bool)[:, None, None, :]

@@ -1,0 +1,273 @@
+"""`load_pretrained` / `save_pretrained`: HF checkpoint folders <-> (linen module, parameter pytree).
+
+Merging is strict: every checkpoint tensor lands in the model or is reported as ignored on purpose, every model
+variable comes from the checkpoint or is re-initialised because a pattern (or a new head) says so. Anything
+else is a `CheckpointError` that names the key and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tljax import tree
+from tljax.models import families, hub
+from tljax.models.heads import ClassificationHead, WithHead
+from tljax.models.hub import CheckpointError
+
+HEAD_FILE = "tljax_head.safetensors"
+
+
+@dataclass
+class LoadReport:
+    """What happened to every tensor: loaded, re-initialised, ignored (checkpoint keys), adapted (resampled)."""
+
+    source: str
+    model_type: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)
+    num_params: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"load report for {self.source} ({self.model_type}, {self.num_params:,} parameters)",
+                 f"  loaded         {len(self.loaded):5d} tensors"]
+        for title, items in [("re-initialised", self.reinitialized), ("ignored", self.ignored)]:
+            lines.append(f"  {title:14s} {len(items):5d} " + ("" if not items else _preview(items)))
+        lines += [f"  adapted        {p}: {note}" for p, note in self.adapted.items()]
+        return "\n".join(lines)
+
+
+def _preview(items: Sequence[str], n: int = 6) -> str:
+    more = f", ... (+{len(items) - n})" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + more + "]"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A loaded model. Unpacks as `model, params = load_pretrained(...)`; `.variables` adds BatchNorm stats."""
+
+    model: nn.Module
+    params: dict
+    state: dict  # non-trainable collections, e.g. {"batch_stats": ...}; empty for most families
+    report: LoadReport
+    hf_config: Any
+    family: ModuleType
+
+    def __iter__(self):
+        return iter((self.model, self.params))
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, **self.state}
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | jnp.dtype = "float32",
+    param_dtype: str | jnp.dtype | None = None,
+    head: nn.Module | None = None,
+    num_classes: int | None = None,
+    pooling: str | None = None,
+    reinit: Iterable[str] = (),
+    ignore: Iterable[str] = (),
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    seed: int = 0,
+    verbose: bool = False,
+    **family_options,
+) -> Pretrained:
+    """Loads an HF checkpoint into a tljax linen model.
+
+    Args:
+      name_or_path: local HF folder (config.json + model.safetensors) or hub id (cache honours HF_HUB_OFFLINE).
+      dtype: compute dtype ("float32" or "bfloat16"). param_dtype: parameter dtype (defaults to `dtype`).
+      head: a head module attached over pooled features (`WithHead`; params split into backbone/ and head/).
+      num_classes: shorthand for `head=ClassificationHead(num_classes)`.
+      pooling: features for the head: "cls", "mean", "pooler", ... (family default when None).
+      reinit: regexes over parameter paths to initialise fresh instead of loading (each must match).
+      ignore: regexes over checkpoint keys to drop on purpose (each must match).
+      allow_pickle: permit `pytorch_model.bin` (unpickling runs code; safetensors needs no opt-in).
+      family_options: passed to the family's `build` (e.g. `image_size=384` for ViT).
+
+    Returns:
+      `Pretrained(model, params, state, report, hf_config, family)`; unpacks as `(model, params)`.
+    """
+    folder = hub.resolve(name_or_path, revision=revision, allow_pickle=allow_pickle)
+    fam = families.family(hub.read_config_dict(folder).get("model_type"))
+    hf_config = _hf_config(folder)
+    state_dict = _normalise_keys(hub.read_state_dict(folder, allow_pickle=allow_pickle), fam.PREFIXES)
+    dtype = jnp.dtype(dtype)
+    backbone = fam.build(hf_config, dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype),
+                         checkpoint_keys=set(state_dict), **family_options)
+    if num_classes is not None and head is None:
+        head = ClassificationHead(num_classes, dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype))
+    model = WithHead(backbone, head, pooling or fam.DEFAULT_POOLING) if head is not None else backbone
+    variables, report = _merge(model, fam, hf_config, state_dict, str(name_or_path), reinit, ignore, seed,
+                               prefix="backbone/" if head is not None else "")
+    if verbose:
+        print(report)
+    variables = tree.unflatten(variables)
+    params = variables.pop("params")
+    return Pretrained(model, params, variables, report, hf_config, fam)
+
+
+def _hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def _normalise_keys(state_dict: Mapping[str, np.ndarray], prefixes: Sequence[str]) -> dict[str, np.ndarray]:
+    """Strips base-model prefixes (`bert.` of *ForXxx checkpoints) and renames legacy LayerNorm gamma/beta."""
+    out = {}
+    for key, value in state_dict.items():
+        for p in prefixes:
+            if key.startswith(p):
+                key = key[len(p):]
+                break
+        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
+        out[key] = value
+    return out
+
+
+def _collection_free(path: str) -> str:
+    return path.split("/", 1)[1]
+
+
+def _merge(model, fam, hf_config, state_dict, source, reinit, ignore, seed, prefix):
+    dummy = fam.dummy_inputs(hf_config)
+    rngs = {"params": jax.random.key(seed)}
+    shapes = tree.flatten(jax.eval_shape(lambda: model.init(rngs, **dummy)))
+    keymap = fam.key_map(hf_config)
+    converted, src = keymap.to_flax(state_dict)
+    converted = {_add_prefix(p, prefix): v for p, v in converted.items()}
+    src = {_add_prefix(p, prefix): k for p, k in src.items()}
+    report = LoadReport(source, hf_config.model_type, num_params=tree.count(
+        {p: s for p, s in shapes.items() if p.startswith("params/")}))
+    if hasattr(fam, "adapt"):
+        report.adapted = fam.adapt(converted, shapes, hf_config, prefix)
+    ignore_res, reinit_res = _compile("ignore", ignore), _compile("reinit", reinit)
+    report.ignored = _check_unexpected(keymap.unmapped(state_dict), converted, src, shapes, fam.IGNORE, ignore_res)
+    to_init = _to_reinit(shapes, converted, src, reinit_res, prefix)
+    _check_patterns_used("ignore", ignore_res, state_dict)
+    _check_patterns_used("reinit", reinit_res, [_collection_free(p) for p in shapes])
+    out = {p: jnp.asarray(converted[p], dtype=shapes[p].dtype) for p in shapes if p not in to_init}
+    out.update(_init_only(model, dummy, rngs, to_init))
+    report.loaded = sorted(p for p in out if p not in to_init)
+    report.reinitialized = sorted(to_init)
+    return out, report
+
+
+def _add_prefix(path: str, prefix: str) -> str:
+    collection, rest = path.split("/", 1)
+    return f"{collection}/{prefix}{rest}"
+
+
+def _compile(what: str, patterns: Iterable[str]) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        raise TypeError(f"{what} takes a list of regexes, got the string {patterns!r}; wrap it: [{patterns!r}]")
+    return [re.compile(p) for p in patterns]
+
+
+def _check_patterns_used(what: str, regexes: list[re.Pattern], names: Iterable[str]) -> None:
+    names = list(names)
+    unused = [r.pattern for r in regexes if not any(r.search(n) for n in names)]
+    if unused:
+        target = "checkpoint key" if what == "ignore" else "model parameter path"
+        raise CheckpointError(f"{what} pattern(s) {unused} match no {target}; fix the regex (examples: "
+                              f"{names[:3]}).")
+
+
+def _check_unexpected(unmapped, converted, src, shapes, family_ignore, user_ignore) -> list[str]:
+    """Checkpoint keys that land nowhere: ignored when a pattern says so, else an error."""
+    stray = list(unmapped) + [src[p] for p in converted if p not in shapes]
+    ignored = [k for k in stray if any(re.search(r, k) for r in family_ignore) or any(r.search(k) for r in user_ignore)]
+    unexpected = [k for k in stray if k not in ignored]
+    if unexpected:
+        raise CheckpointError(
+            f"{len(unexpected)} checkpoint tensor(s) have no place in the model: {_preview(unexpected, 10)}. "
+            "Either the config does not match the weights, or these belong to a head the backbone does not have; "
+            "pass ignore=[regex, ...] to drop them on purpose.")
+    return sorted(ignored)
+
+
+def _to_reinit(shapes, converted, src, reinit_res, prefix) -> list[str]:
+    """Model variables to initialise fresh: a new head, reinit patterns; missing or mis-shaped ones are errors."""
+    to_init, missing = [], []
+    for path, shape in shapes.items():
+        name = _collection_free(path)
+        if (prefix and name.startswith("head/")) or any(r.search(name) for r in reinit_res):
+            to_init.append(path)
+        elif path not in converted:
+            missing.append(name)
+        elif converted[path].shape != shape.shape:
+            raise CheckpointError(
+                f"shape mismatch: checkpoint tensor {src[path]!r} has shape {tuple(converted[path].shape)} but "
+                f"model parameter {name!r} expects {tuple(shape.shape)}. config.json does not describe these "
+                f"weights, or the layer changed on purpose: then pass reinit=[{re.escape(name)!r}].")
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} model parameter(s) are not in the checkpoint: {_preview(missing, 10)}. Pass "
+            "reinit=[regex, ...] to initialise them fresh (e.g. a new head), or check that config.json matches.")
+    return to_init
+
+
+def _init_only(model, dummy, rngs, paths: list[str]) -> dict[str, jax.Array]:
+    """Fresh initial values of only `paths`: under jit, XLA drops the initialisers of everything else."""
+    if not paths:
+        return {}
+    init = jax.jit(lambda r: {p: v for p, v in tree.flatten(model.init(r, **dummy)).items() if p in paths})
+    return init(rngs)
+
+
+def save_pretrained(folder: str | os.PathLike, loaded: Pretrained, *, params: Mapping | None = None,
+                    state: Mapping | None = None, overwrite: bool = False) -> Path:
+    """Writes params back as an HF folder (config.json + model.safetensors with HF key names).
+
+    The folder appears atomically (written beside it, then renamed): a crash never leaves a half-written one.
+    Head parameters (`head/...`), which HF classes do not share, go to `tljax_head.safetensors` in Flax names.
+
+    Args:
+      folder: destination; must not exist unless `overwrite=True`.
+      loaded: the `Pretrained` that `load_pretrained` returned (gives family, config and structure).
+      params, state: fine-tuned values to save instead of `loaded.params` / `loaded.state`.
+    """
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
+    flat = tree.flatten({"params": params if params is not None else loaded.params,
+                         **(state if state is not None else loaded.state)})
+    flat = {p: np.asarray(jnp.asarray(v, jnp.float32) if v.dtype == jnp.bfloat16 else v) for p, v in flat.items()}
+    head = {p: v for p, v in flat.items() if _collection_free(p).startswith("head/")}
+    body = {p.replace("/backbone/", "/", 1): v for p, v in flat.items() if p not in head}
+    tensors = loaded.family.key_map(loaded.hf_config).to_torch(body)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        loaded.hf_config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if head:
+            save_file(head, str(tmp / HEAD_FILE), metadata={"format": "flax"})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
