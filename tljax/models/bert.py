@@ -161,9 +161,10 @@ def key_map(hf_config) -> KeyMap:
     rules = [Rule(f"embeddings.{n}.weight", f"params/embeddings/{n}/embedding")
              for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
     rules += norm_rules("embeddings.LayerNorm", "params/embeddings/norm")
-    for torch_name, flax_name in [("attention.self.query", "attention/query"), ("attention.self.key", "attention/key"),
-                                  ("attention.self.value", "attention/value"), ("attention.output.dense", "attention/out"),
-                                  ("intermediate.dense", "mlp/fc1"), ("output.dense", "mlp/fc2")]:
+    pairs = [("attention.self.query", "attention/query"), ("attention.self.key", "attention/key"),
+             ("attention.self.value", "attention/value"), ("attention.output.dense", "attention/out"),
+             ("intermediate.dense", "mlp/fc1"), ("output.dense", "mlp/fc2")]
+    for torch_name, flax_name in pairs:
         rules += dense_rules(L + torch_name, P + flax_name)
     rules += norm_rules(L + "attention.output.LayerNorm", P + "attention_norm")
     rules += norm_rules(L + "output.LayerNorm", P + "mlp_norm")

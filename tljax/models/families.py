@@ -1,11 +1,16 @@
 """Model families by HF `config.model_type`: a plain dict from type to the family's module.
 
 Each family module provides:
-  MODEL_TYPES, PREFIXES (base-model key prefixes to strip), IGNORE (regexes over checkpoint keys dropped on
-  purpose: buffers, pretraining heads), `build(hf_config, *, dtype, param_dtype, checkpoint_keys, **options)`,
-  DEFAULT_POOLING (head features: "cls", "pooler", ...), `dummy_inputs(hf_config)`, `key_map(hf_config) -> KeyMap`, `feature_dim(hf_config)`, `num_layers(hf_config)`,
-  `layer_id(path, n_layers)` (depth for layer-wise LR decay), `block_regex(i)`, and optionally
-  `adapt(converted, shapes, hf_config) -> {path: note}` for shape adaptation (e.g. position-embedding resampling).
+  MODEL_TYPES          HF model_type values it handles
+  PREFIXES             base-model key prefixes to strip ("bert." of BertForXxx checkpoints)
+  IGNORE               regexes over checkpoint keys dropped on purpose (buffers, pretraining heads), reported
+  DEFAULT_POOLING      features a head sees by default ("cls", "pooler", ...)
+  build(hf_config, *, dtype, param_dtype, checkpoint_keys, **options) -> linen module
+  dummy_inputs(hf_config) -> kwargs that build every parameter in `init`
+  key_map(hf_config) -> KeyMap (torch keys <-> flax paths, both directions)
+  feature_dim(hf_config), num_layers(hf_config)
+  layer_id(path, n_layers) -> depth for layer-wise LR decay; block_regex(i) -> regex of block i's params
+  adapt(converted, shapes, hf_config, prefix) -> {path: note}   optional shape adaptation (pos-emb resampling)
 """
 
 from __future__ import annotations
