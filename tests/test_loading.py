@@ -1,0 +1,175 @@
+"""load_pretrained / save_pretrained behaviour: strict merging, reports, heads, bad input, export round trip."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import max_abs_diff, token_batch
+
+import tljax.models as tm
+from tljax import tree
+from tljax.models import CheckpointError
+
+
+@pytest.fixture
+def bert_copy(tiny_bert_dir, tmp_path):
+    """A writable copy of the tiny BERT folder that a test may corrupt."""
+    return shutil.copytree(tiny_bert_dir, tmp_path / "bert")
+
+
+def _rewrite(folder, fn):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = fn(load_file(folder / "model.safetensors"))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_report_counts_every_tensor(tiny_bert_dir):
+    loaded = tm.load_pretrained(tiny_bert_dir)
+    assert len(loaded.report.loaded) == len(tree.paths(loaded.params)) == 39  # 5 embedding + 2 x 16 block + 2 pooler
+    assert loaded.report.reinitialized == [] and loaded.report.ignored == []
+    assert "39 tensors" in str(loaded.report)
+
+
+def test_unpacks_as_model_and_params(tiny_bert_dir):
+    model, params = tm.load_pretrained(tiny_bert_dir)
+    ids, mask = token_batch(2, 5)
+    assert model.apply({"params": params}, input_ids=ids, attention_mask=mask)["last_hidden_state"].shape == (2, 5, 32)
+
+
+def test_missing_folder_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        tm.load_pretrained(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        tm.load_pretrained(tmp_path)
+
+
+def test_unsupported_model_type_lists_supported(bert_copy):
+    cfg = json.loads((bert_copy / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (bert_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'.*bert"):
+        tm.load_pretrained(bert_copy)
+
+
+def test_shape_mismatch_names_key_and_shapes(bert_copy):
+    cfg = json.loads((bert_copy / "config.json").read_text())
+    cfg["intermediate_size"] = 40
+    (bert_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape mismatch: checkpoint tensor 'encoder.layer.0.intermediate"
+                                              r".dense.(weight|bias)' has shape .* expects"):
+        tm.load_pretrained(bert_copy)
+
+
+def test_unexpected_key_is_an_error_until_ignored(bert_copy):
+    _rewrite(bert_copy, lambda t: {**t, "extra.adapter.weight": np.ones((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=r"no place in the model: \[extra.adapter.weight\].*ignore="):
+        tm.load_pretrained(bert_copy)
+    loaded = tm.load_pretrained(bert_copy, ignore=[r"^extra\."])
+    assert loaded.report.ignored == ["extra.adapter.weight"]
+
+
+def test_missing_tensor_is_an_error_until_reinit(bert_copy):
+    _rewrite(bert_copy, lambda t: {k: v for k, v in t.items() if not k.startswith("encoder.layer.1.output.dense")})
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: \[encoder/layer_1/mlp/fc2/bias"):
+        tm.load_pretrained(bert_copy)
+    loaded = tm.load_pretrained(bert_copy, reinit=["layer_1/mlp/fc2"])
+    assert loaded.report.reinitialized == ["params/encoder/layer_1/mlp/fc2/bias", "params/encoder/layer_1/mlp/fc2/kernel"]
+    assert float(np.abs(loaded.params["encoder"]["layer_1"]["mlp"]["fc2"]["kernel"]).sum()) > 0
+
+
+def test_pattern_matching_nothing_is_an_error(tiny_bert_dir):
+    with pytest.raises(CheckpointError, match=r"reinit pattern\(s\) \['layer_9'\] match no model parameter"):
+        tm.load_pretrained(tiny_bert_dir, reinit=["layer_9"])
+    with pytest.raises(CheckpointError, match="ignore pattern"):
+        tm.load_pretrained(tiny_bert_dir, ignore=["typo"])
+    with pytest.raises(TypeError, match="list of regexes"):
+        tm.load_pretrained(tiny_bert_dir, reinit="pooler")
+
+
+def test_pickle_needs_opt_in(tiny_bert_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(tiny_bert_dir, tmp_path / "bin")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        tm.load_pretrained(folder)
+    a, b = tm.load_pretrained(folder, allow_pickle=True), tm.load_pretrained(tiny_bert_dir)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a.params, b.params))
+
+
+def test_uncached_hub_id_offline_is_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"'google/bert-not-cached' is not in the local Hugging Face cache"):
+        tm.load_pretrained("google/bert-not-cached")
+
+
+def test_hub_id_resolves_from_cache(monkeypatch, tmp_path, tiny_bert_dir):
+    """A cached hub snapshot (the layout huggingface_hub writes) loads offline by its id."""
+    snap = tmp_path / "models--org--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_bert_dir, snap)
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert tree.count(tm.load_pretrained("org/tiny").params) == tree.count(tm.load_pretrained(tiny_bert_dir).params)
+
+
+def test_for_sequence_classification_checkpoint_strips_prefix(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    loaded = tm.load_pretrained(tmp_path)
+    assert loaded.report.ignored == ["classifier.bias", "classifier.weight"]
+    assert "pooler" in loaded.params
+
+
+def test_classification_head_is_new_and_separate(tiny_bert_dir):
+    loaded = tm.load_pretrained(tiny_bert_dir, num_classes=5, pooling="mean")
+    assert set(loaded.params) == {"backbone", "head"}
+    assert loaded.report.reinitialized == ["params/head/out/bias", "params/head/out/kernel"]
+    ids, mask = token_batch(3, 6)
+    out = loaded.model.apply(loaded.variables, input_ids=ids, attention_mask=mask)
+    assert out["logits"].shape == (3, 5)
+    plain = tm.load_pretrained(tiny_bert_dir)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), loaded.params["backbone"], plain.params))
+    want = tm.mean_pool(plain.model.apply(plain.variables, input_ids=ids, attention_mask=mask)["last_hidden_state"],
+                        mask)
+    assert max_abs_diff(out["features"], want) == 0.0
+
+
+def test_multi_head(tiny_bert_dir):
+    head = tm.MultiHead({"topic": tm.ClassificationHead(4), "sentiment": tm.ClassificationHead(2, hidden=8)})
+    loaded = tm.load_pretrained(tiny_bert_dir, head=head, pooling="pooler")
+    out = loaded.model.apply(loaded.variables, input_ids=token_batch(2, 4)[0])
+    assert out["logits"]["topic"].shape == (2, 4) and out["logits"]["sentiment"].shape == (2, 2)
+
+
+def test_export_round_trip_into_transformers(tiny_bert_dir, tmp_path):
+    from transformers import BertModel
+
+    loaded = tm.load_pretrained(tiny_bert_dir, num_classes=3)
+    # Pretend fine-tuning changed the weights, then export.
+    tuned = jax.tree.map(lambda x: x * 1.5, loaded.params)
+    out_dir = tm.save_pretrained(tmp_path / "export", loaded, params=tuned)
+    assert (out_dir / "tljax_head.safetensors").is_file()
+    ref = BertModel.from_pretrained(out_dir).eval()
+    ids, mask = token_batch(2, 6)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+    got = loaded.model.apply({"params": tuned}, input_ids=ids, attention_mask=mask)["last_hidden_state"]
+    assert max_abs_diff(got, want) <= 1e-4
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        tm.save_pretrained(out_dir, loaded)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp folder left behind
