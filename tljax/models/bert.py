@@ -19,6 +19,7 @@ from tljax.models.convert import KeyMap, Rule, dense_rules, norm_rules
 MODEL_TYPES = ("bert", "roberta")
 PREFIXES = ("bert.", "roberta.")  # base-model prefixes of *ForXxx checkpoints
 DEFAULT_POOLING = "cls"
+STEM_REGEX = r"^embeddings/"  # parameters at depth 0 (below block 0)
 # Dropped on purpose and reported: buffers and pretraining heads (MLM / NSP / LM), not part of the backbone.
 IGNORE = (r"position_ids$", r"^cls\.", r"^lm_head\.", r"^classifier\.", r"^qa_outputs\.")
 

@@ -1,0 +1,234 @@
+"""Partitions: optimizer state only for trainable params, frozen params untouched, per-group LRs, rule errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import token_batch
+
+import tljax.models as tm
+from tljax import partition as P
+from tljax import rules, tree
+from tljax.step import init_state, make_train_step
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_bert_dir):
+    return tm.load_pretrained(tiny_bert_dir, num_classes=3, pooling="pooler")  # every param gets a gradient
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids, mask = token_batch(4, 8)
+    return {"input_ids": ids, "attention_mask": mask, "labels": np.array([0, 1, 2, 1])}
+
+
+def _run(loaded, part, batch, steps=3):
+    step = jax.jit(make_train_step(loaded.model, part))
+    state = init_state(loaded.params, part.tx)
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    return state, metrics
+
+
+def _flat_np(params):
+    return {p: np.asarray(v) for p, v in tree.flatten(params).items()}
+
+
+def test_adam_state_holds_exactly_the_trainable_params(clf):
+    part = P.build(clf.params, rules.top_k(clf, 1), learning_rate=1e-3, weight_decay=0.01)
+    state = part.tx.init(clf.params)
+    assert P.state_nbytes(state) == 2 * part.nbytes(trainable=True)
+    assert part.nbytes(True) + part.nbytes(False) == tree.nbytes(clf.params)
+    full = P.build(clf.params, rules.full(clf), learning_rate=1e-3)
+    assert P.state_nbytes(full.tx.init(clf.params)) == 2 * tree.nbytes(clf.params)
+    probe = P.build(clf.params, rules.linear_probe(clf), learning_rate=1e-3)
+    assert P.state_nbytes(probe.tx.init(clf.params)) == 2 * tree.nbytes(clf.params["head"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_frozen_bitwise_unchanged_trainable_changed(clf, batch, optimizer):
+    part = P.build(clf.params, rules.top_k(clf, 1), learning_rate=1e-2, optimizer=optimizer)
+    # The head is zero-initialised: with a zero head no gradient reaches the backbone, so perturb it first.
+    params = jax.tree.map(lambda x: x, clf.params)
+    params["head"]["out"]["kernel"] = jnp.full_like(params["head"]["out"]["kernel"], 0.1)
+    state, _ = _run(_with(clf, params), part, batch)
+    before, after, mask = _flat_np(params), _flat_np(state.params), tree.flatten(part.trainable_mask)
+    for path in before:
+        if mask[path]:
+            assert not np.array_equal(before[path], after[path]), path
+        else:
+            assert np.array_equal(before[path], after[path]), path
+
+
+def _with(loaded, params):
+    import dataclasses
+
+    return dataclasses.replace(loaded, params=params)
+
+
+def test_sgd_update_is_minus_group_lr_times_grad(clf, batch):
+    rule_list = [(r"^head/", P.train(lr=0.5)), (r"layer_1/", P.train(lr_mult=0.1)), (".*", P.FROZEN)]
+    part = P.build(clf.params, rule_list, learning_rate=0.2, optimizer="sgd")
+    params = _with(clf, clf.params).params
+    params["head"]["out"]["kernel"] = jnp.full_like(params["head"]["out"]["kernel"], 0.1)
+    loaded = _with(clf, params)
+    state = init_state(params, part.tx)
+
+    def loss(p):
+        out = loaded.model.apply({"params": p}, **{k: v for k, v in batch.items() if k != "labels"}, train=True,
+                                 rngs={"dropout": jax.random.fold_in(state.rng, 0)})
+        return optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["labels"]).mean()
+
+    grads = _flat_np(jax.jit(jax.grad(loss))(params))
+    new, _ = jax.jit(make_train_step(loaded.model, part))(state, batch)
+    lr_of = {"head": 0.5, "layer_1": 0.2 * 0.1}
+    for path, p0 in _flat_np(params).items():
+        p1 = np.asarray(tree.flatten(new.params)[path])
+        lr = next((v for k, v in lr_of.items() if k in path), 0.0)
+        np.testing.assert_allclose(p1 - p0, -np.float32(lr) * grads[path], rtol=1e-5, atol=1e-7, err_msg=path)
+        if lr == 0.0:
+            assert np.array_equal(p1, p0)
+
+
+def test_frozen_params_cost_no_backward_flops(clf, batch):
+    def flops(rule_list):
+        part = P.build(clf.params, rule_list, learning_rate=1e-3)
+        state = init_state(clf.params, part.tx)
+        compiled = jax.jit(make_train_step(clf.model, part)).lower(state, batch).compile()
+        return compiled.cost_analysis()["flops"]
+
+    def forward(params):
+        return clf.model.apply({"params": params}, **{k: v for k, v in batch.items() if k != "labels"}, train=True,
+                               rngs={"dropout": jax.random.key(0)})["logits"]
+
+    fwd = jax.jit(forward).lower(clf.params).compile().cost_analysis()["flops"]
+    probe, top1, full = flops(rules.linear_probe(clf)), flops(rules.top_k(clf, 1)), flops(rules.full(clf))
+    assert probe < 1.15 * fwd  # the backward pass stops at the head
+    assert probe < top1 < full
+    assert full > 2.0 * fwd
+
+
+def test_weight_decay_skips_biases_norms_and_frozen(clf):
+    part = P.build(clf.params, rules.top_k(clf, 1), learning_rate=1e-3, weight_decay=0.1)
+    for g in part.groups:
+        if not g.rule.trainable:
+            assert g.weight_decay == 0.0
+        for path in g.paths:
+            if path.endswith("bias") or "norm/" in path:
+                assert g.weight_decay == 0.0, path
+            elif g.rule.trainable:
+                assert g.weight_decay == 0.1, path
+
+
+def test_summary_lists_groups_and_totals(clf):
+    part = P.build(clf.params, rules.linear_probe(clf), learning_rate=1e-3)
+    text = part.summary()
+    assert "^head/" in text and "frozen" in text
+    assert f"trainable {tree.count(clf.params['head']):,} of {tree.count(clf.params):,}" in text
+    rows = part.rows()
+    assert sum(r["params"] for r in rows) == tree.count(clf.params)
+
+
+def test_schedules_and_multipliers(clf):
+    sched = optax.linear_schedule(1.0, 0.0, 10)
+    part = P.build(clf.params, [(r"^head/", P.train(lr_mult=0.5)), (".*", "train")], learning_rate=sched)
+    lrs = {g.pattern: g.lr for g in part.groups}
+    assert float(lrs["^head/"](4)) == pytest.approx(0.3) and float(lrs[".*"](4)) == pytest.approx(0.6)
+    assert "schedule" in part.summary()
+
+
+def test_uncovered_paths_are_listed(clf):
+    with pytest.raises(ValueError, match=r"match no rule: \['backbone/embeddings"):
+        P.build(clf.params, [(r"^head/", "train")], learning_rate=1e-3)
+
+
+def test_regex_matching_nothing_is_an_error(clf):
+    with pytest.raises(ValueError, match=r"regex 'encoder/layr_1/' matches no parameter"):
+        P.build(clf.params, [(r"encoder/layr_1/", "train"), (".*", "frozen")], learning_rate=1e-3)
+
+
+def test_shadowed_regex_is_an_error(clf):
+    with pytest.raises(ValueError, match=r"only matches parameters already claimed"):
+        P.build(clf.params, [(".*", "train"), (r"^head/", "frozen")], learning_rate=1e-3)
+
+
+def test_unknown_rule_field_and_optimizer(clf):
+    with pytest.raises(ValueError, match=r"unknown rule field\(s\) \['lr_multiplier'\]"):
+        P.build(clf.params, [(".*", {"lr_multiplier": 2})], learning_rate=1e-3)
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        P.build(clf.params, [(".*", "train")], learning_rate=1e-3, optimizer="adamx")
+    with pytest.raises(ValueError, match="unknown rule set"):
+        rules.get("linear_prob", clf)
+
+
+def test_rules_from_config_data(clf):
+    part = P.build(clf.params, [("^head/", {"lr_mult": 10.0, "weight_decay": 0.0}), (".*", None)],
+                   learning_rate=1e-3)
+    assert [(g.pattern, g.rule.trainable, g.lr) for g in part.groups] == [("^head/", True, 1e-2), (".*", False, 1e-3)]
+
+
+BERT_LLRD = {  # tiny BERT: 2 blocks, depth = 3; multiplier = decay ** (3 - layer_id)
+    "backbone/embeddings/": 0.5**3,
+    "backbone/encoder/layer_0/": 0.5**2,
+    "backbone/encoder/layer_1/": 0.5**1,
+    "backbone/pooler/": 1.0,
+    "head/": 1.0,
+}
+
+
+def test_llrd_bert_table(clf):
+    part = P.build(clf.params, rules.llrd(clf, 0.5), learning_rate=1.0)
+    seen = set()
+    for g in part.groups:
+        for path in g.paths:
+            prefix = next(p for p in BERT_LLRD if path.startswith(p))
+            assert g.lr == pytest.approx(BERT_LLRD[prefix]), path
+            seen.add(prefix)
+    assert seen == set(BERT_LLRD)
+
+
+def test_llrd_matches_family_layer_id(clf):
+    n = clf.family.num_layers(clf.hf_config)
+    part = P.build(clf.params, rules.llrd(clf, 0.8), learning_rate=1.0)
+    for g in part.groups:
+        for path in g.paths:
+            depth = 0 if path.startswith("head/") else None
+            lid = n + 1 if depth == 0 else clf.family.layer_id(path.removeprefix("backbone/"), n)
+            assert g.lr == pytest.approx(0.8 ** (n + 1 - lid)), path
+
+
+@pytest.mark.parametrize("name,kwargs,trainable_prefixes", [
+    ("linear_probe", {}, ["head/"]),
+    ("full", {}, ["head/", "backbone/embeddings/", "backbone/encoder/layer_0/", "backbone/encoder/layer_1/",
+                  "backbone/pooler/"]),
+    ("top_k", {"k": 1}, ["head/", "backbone/encoder/layer_1/", "backbone/pooler/"]),
+    ("surgical", {"block": 0}, ["head/", "backbone/encoder/layer_0/"]),
+    ("embeddings_frozen", {}, ["head/", "backbone/encoder/", "backbone/pooler/"]),
+])
+def test_rule_set_trainable_table(clf, name, kwargs, trainable_prefixes):
+    part = P.build(clf.params, rules.get(name, clf, **kwargs), learning_rate=1e-3)
+    for path, t in tree.flatten(part.trainable_mask).items():
+        assert t == any(path.startswith(p) for p in trainable_prefixes), path
+
+
+def test_bitfit_and_norm_only(clf):
+    for name, keep in [("bitfit", lambda p: p.endswith("bias")), ("norm_only", lambda p: "norm/" in p)]:
+        part = P.build(clf.params, rules.get(name, clf), learning_rate=1e-3)
+        for path, t in tree.flatten(part.trainable_mask).items():
+            assert t == (path.startswith("head/") or keep(path)), (name, path)
+
+
+def test_step_forwards_frozen_params_untouched(clf, batch):
+    """Regression: frozen leaves used to come out of the step as `p + 0` (a copy of every frozen weight per step:
+    3.5x slower head-only steps); now the jaxpr returns their input buffers as they are."""
+    part = P.build(clf.params, rules.linear_probe(clf), learning_rate=1e-3)
+    state = init_state(clf.params, part.tx)
+    closed = jax.make_jaxpr(make_train_step(clf.model, part))(state, batch)
+    n_in = len(jax.tree.leaves(state))
+    in_params = closed.jaxpr.invars[1:1 + len(jax.tree.leaves(state.params))]  # after the step counter
+    out_params = closed.jaxpr.outvars[1:1 + len(in_params)]
+    assert len(closed.jaxpr.invars) >= n_in
+    for mask, vin, vout in zip(jax.tree.leaves(part.trainable_mask), in_params, out_params, strict=True):
+        assert (vin is vout) == (not mask)

@@ -1,0 +1,290 @@
+"""Parameter partitions: ordered `(regex, rule)` lists -> one optax transformation over the whole tree.
+
+    rules = [
+        (r"^head/", train(lr_mult=10.0)),
+        (r"encoder/layer_(10|11)/", train()),
+        (r".*", FROZEN),
+    ]
+    part = build(params, rules, learning_rate=1e-4, optimizer="adamw", weight_decay=0.01)
+    print(part.summary())
+    opt_state = part.tx.init(params)   # Adam moments for trainable leaves only
+
+Regexes are searched (`re.search`) in `/`-joined paths such as `encoder/layer_3/attention/query/kernel`; the first
+match wins; every parameter must be covered and every regex must own at least one parameter (a typo must not
+silently freeze or thaw nothing). Frozen groups go through `optax.set_to_zero()`, which is stateless, so they carry
+no optimizer state; `Partition.stop_gradient` marks them inside the loss so no backward work is spent on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from tljax import tree
+
+LearningRate = float | Callable[[int], Any]
+
+# Weight decay skips these by default: biases and every norm's scale/bias (all norm modules end in "norm").
+NO_DECAY = (r"bias$", r"norm/")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a group of parameters does: frozen, or trained at an LR with weight decay and optional clipping.
+
+    Attributes:
+      trainable: False freezes the group (no gradient work, no optimizer state).
+      lr: absolute learning rate (float or optax schedule); None means `lr_mult * learning_rate` of `build`.
+      lr_mult: multiplier of the base learning rate (discriminative / layer-wise LRs).
+      weight_decay: decoupled weight decay for this group; None means the `build` default.
+      clip_norm: clip this group's gradient to this global norm before the optimizer.
+    """
+
+    trainable: bool = True
+    lr: LearningRate | None = None
+    lr_mult: float = 1.0
+    weight_decay: float | None = None
+    clip_norm: float | None = None
+
+
+FROZEN = Rule(trainable=False)
+TRAIN = Rule()
+
+
+def train(**fields) -> Rule:
+    """A trainable rule, e.g. `train(lr_mult=0.1, weight_decay=0.0)`."""
+    return as_rule(fields)
+
+
+def as_rule(spec: Any) -> Rule:
+    """Accepts a `Rule`, "frozen"/None, "train", a float (LR multiplier) or a dict of `Rule` fields (configs)."""
+    if isinstance(spec, Rule):
+        return spec
+    if spec is None or spec == "frozen":
+        return FROZEN
+    if spec == "train":
+        return TRAIN
+    if isinstance(spec, int | float) and not isinstance(spec, bool):
+        return Rule(lr_mult=float(spec))
+    if isinstance(spec, Mapping):
+        valid = {f.name for f in dataclasses.fields(Rule)}
+        unknown = sorted(set(spec) - valid)
+        if unknown:
+            raise ValueError(f"unknown rule field(s) {unknown}; valid fields: {sorted(valid)}")
+        return Rule(**dict(spec))
+    raise ValueError(f"cannot read rule {spec!r}: use a Rule, 'frozen', 'train', an LR multiplier or a dict of "
+                     f"{[f.name for f in dataclasses.fields(Rule)]}")
+
+
+def assign(paths: Sequence[str], rules: Sequence[tuple[str, Any]]) -> list[int]:
+    """Index of the first rule whose regex matches each path; uncovered paths and idle regexes are errors."""
+    compiled = [(re.compile(_pattern(r)), i) for i, r in enumerate(rules)]
+    owner = [next((i for rx, i in compiled if rx.search(p)), None) for p in paths]
+    uncovered = [p for p, o in zip(paths, owner, strict=True) if o is None]
+    if uncovered:
+        raise ValueError(f"{len(uncovered)} parameter(s) match no rule: {uncovered[:8]}. Add a rule for them or "
+                         "end the list with a catch-all like ('.*', FROZEN).")
+    idle = [i for i in range(len(rules)) if i not in set(owner)]
+    if idle:
+        raise ValueError("; ".join(_idle_message(rules[i][0], i, paths, compiled) for i in idle))
+    return owner
+
+
+def _pattern(rule_pair) -> str:
+    if not (isinstance(rule_pair, tuple | list) and len(rule_pair) == 2 and isinstance(rule_pair[0], str)):
+        raise ValueError(f"a rule is a (regex, rule) pair, got {rule_pair!r}")
+    return rule_pair[0]
+
+
+def _idle_message(pattern, i, paths, compiled) -> str:
+    if not any(re.search(pattern, p) for p in paths):
+        return (f"rule {i} regex {pattern!r} matches no parameter (e.g. paths look like {paths[:2]}); fix the typo "
+                "or drop the rule")
+    return f"rule {i} regex {pattern!r} only matches parameters already claimed by earlier rules (first match wins)"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimizer group: the parameters a rule owns, split by whether weight decay applies."""
+
+    label: str
+    pattern: str
+    rule: Rule
+    decay: bool
+    paths: tuple[str, ...]
+    count: int
+    nbytes: int
+    lr: LearningRate
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The resolved partition: groups, a label per parameter, and the optax transformation."""
+
+    groups: tuple[Group, ...]
+    labels: Any  # pytree like params, each leaf a group label
+    tx: optax.GradientTransformation
+
+    @property
+    def trainable_mask(self) -> Any:
+        """Pytree of bools like params: True where the parameter trains."""
+        trainable = {g.label for g in self.groups if g.rule.trainable}
+        return jax.tree.map(lambda label: label in trainable, self.labels)
+
+    def stop_gradient(self, params):
+        """Wraps frozen leaves in `lax.stop_gradient`: use inside the loss so XLA never builds their backward."""
+        return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable_mask)
+
+    def split(self, params) -> tuple[dict, dict]:
+        """(trainable, frozen) flat dicts of `/`-joined path -> leaf."""
+        flat, mask = tree.flatten(params), tree.flatten(self.trainable_mask)
+        return ({p: v for p, v in flat.items() if mask[p]}, {p: v for p, v in flat.items() if not mask[p]})
+
+    def count(self, trainable: bool = True) -> int:
+        return sum(g.count for g in self.groups if g.rule.trainable == trainable)
+
+    def nbytes(self, trainable: bool = True) -> int:
+        return sum(g.nbytes for g in self.groups if g.rule.trainable == trainable)
+
+    def rows(self) -> list[dict]:
+        """One dict per group (for logging as JSON) with counts, bytes, LR and weight decay."""
+        return [{"group": g.label, "regex": g.pattern, "trainable": g.rule.trainable, "params": g.count,
+                 "bytes": g.nbytes, "lr": _lr_repr(g.lr) if g.rule.trainable else None,
+                 "weight_decay": g.weight_decay if g.rule.trainable else None, "clip_norm": g.rule.clip_norm}
+                for g in self.groups]
+
+    def summary(self) -> str:
+        """A table to read before a run: each group, then trainable/frozen totals."""
+        head = f"{'group':<10} {'regex':<34} {'state':<9} {'params':>12} {'MiB':>9} {'lr':>10} {'wd':>7}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows():
+            lr = "-" if r["lr"] is None else r["lr"]
+            wd = "-" if r["weight_decay"] is None else f"{r['weight_decay']:g}"
+            lines.append(f"{r['group']:<10} {_clip(r['regex'], 34):<34} {'train' if r['trainable'] else 'frozen':<9} "
+                         f"{r['params']:>12,} {r['bytes'] / 2**20:>9.2f} {lr:>10} {wd:>7}")
+        total = self.count(True) + self.count(False)
+        lines += ["-" * len(head),
+                  f"trainable {self.count(True):,} of {total:,} parameters ({100 * self.count(True) / max(total, 1):.2f}%),"
+                  f" {self.nbytes(True) / 2**20:.2f} MiB; frozen {self.nbytes(False) / 2**20:.2f} MiB"]
+        return "\n".join(lines)
+
+
+def _clip(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _lr_repr(lr) -> str:
+    return f"{lr:.3g}" if isinstance(lr, int | float) else "schedule"
+
+
+def _adamw(lr, wd, **kw):
+    return optax.adamw(lr, weight_decay=wd, **kw)
+
+
+def _sgd(lr, wd, momentum=None, nesterov=False):
+    sgd = optax.sgd(lr, momentum=momentum, nesterov=nesterov)
+    return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": _adamw,
+    "sgd": _sgd,
+    "lion": lambda lr, wd, **kw: optax.lion(lr, weight_decay=wd, **kw),
+    "lamb": lambda lr, wd, **kw: optax.lamb(lr, weight_decay=wd, **kw),
+}
+
+
+def build(
+    params,
+    rules: Sequence[tuple[str, Any]],
+    *,
+    learning_rate: LearningRate,
+    optimizer: str | Callable[..., optax.GradientTransformation] = "adamw",
+    weight_decay: float = 0.0,
+    no_decay: Sequence[str] = NO_DECAY,
+    clip_norm: float | None = None,
+    **optimizer_kwargs,
+) -> Partition:
+    """Resolves `rules` over `params` (arrays or `jax.ShapeDtypeStruct`s) into groups and one optax transform.
+
+    Args:
+      params: the parameter pytree (only paths, shapes and dtypes are read).
+      rules: ordered `(regex, rule)` pairs; a rule is anything `as_rule` reads.
+      learning_rate: base LR (float or optax schedule) that `lr_mult` scales.
+      optimizer: a name in `OPTIMIZERS` or `fn(learning_rate, weight_decay, **optimizer_kwargs)`.
+      weight_decay: default decoupled weight decay of trainable groups (rules may override).
+      no_decay: regexes of parameters never decayed (biases, norms); frozen parameters never are.
+      clip_norm: clip the global gradient norm of all trainable parameters first.
+      optimizer_kwargs: passed to the optimizer factory (e.g. b1, b2, momentum).
+
+    Returns:
+      A `Partition` whose `tx` applies each group's optimizer and zeros frozen updates statelessly.
+    """
+    make = _optimizer_factory(optimizer)
+    flat = tree.flatten(params)
+    paths = list(flat)
+    owner = assign(paths, rules)
+    groups = _groups(flat, owner, rules, learning_rate, weight_decay, [re.compile(r) for r in no_decay])
+    label_of = {p: g.label for g in groups for p in g.paths}
+    labels = tree.map_with_path(lambda p, _: label_of[p], params)
+    transforms = {g.label: _group_tx(g, make, optimizer_kwargs) for g in groups}
+    tx = optax.partition(transforms, labels)
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return Partition(tuple(groups), labels, tx)
+
+
+def _optimizer_factory(optimizer):
+    if callable(optimizer):
+        return optimizer
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)} or pass a callable")
+    return OPTIMIZERS[optimizer]
+
+
+def _groups(flat, owner, rules, learning_rate, weight_decay, no_decay) -> list[Group]:
+    groups = []
+    for i, (pattern, spec) in enumerate(rules):
+        rule = as_rule(spec)
+        mine = [p for p, o in zip(flat, owner, strict=True) if o == i]
+        wd = weight_decay if rule.weight_decay is None else rule.weight_decay
+        decays = {True: [], False: []}
+        for p in mine:
+            decays[bool(rule.trainable and wd and not any(r.search(p) for r in no_decay))].append(p)
+        for decay, ps in decays.items():
+            if ps:
+                label = f"g{i}" + ("" if decay or not (rule.trainable and wd) else "-nd")
+                sub = {p: flat[p] for p in ps}
+                groups.append(Group(label, pattern, rule, decay, tuple(ps), tree.count(sub), tree.nbytes(sub),
+                                    _group_lr(rule, learning_rate), wd if decay else 0.0))
+    return groups
+
+
+def _group_lr(rule: Rule, base: LearningRate) -> LearningRate:
+    if rule.lr is not None:
+        return rule.lr
+    if callable(base):
+        mult = rule.lr_mult
+        return base if mult == 1.0 else (lambda step: mult * base(step))
+    return base * rule.lr_mult
+
+
+def _group_tx(g: Group, make, optimizer_kwargs) -> optax.GradientTransformation:
+    if not g.rule.trainable:
+        return optax.set_to_zero()
+    tx = make(g.lr, g.weight_decay, **optimizer_kwargs)
+    return optax.chain(optax.clip_by_global_norm(g.rule.clip_norm), tx) if g.rule.clip_norm else tx
+
+
+def state_nbytes(opt_state) -> int:
+    """Bytes of the floating-point arrays in an optimizer state (moments; step counters excluded)."""
+    leaves = [x for x in jax.tree.leaves(opt_state) if np.issubdtype(np.dtype(x.dtype), np.floating)]
+    return tree.nbytes(leaves)

@@ -1,0 +1,104 @@
+"""Ready-made rule sets for `tljax.partition.build`, from the transfer-learning literature.
+
+Each function takes the `Pretrained` that `load_pretrained` returned (the family knows its layer structure) and
+returns an ordered `(regex, rule)` list, so a rule set is plain data that can be printed, edited and logged:
+
+    loaded = load_pretrained(path, num_classes=10)
+    part = partition.build(loaded.params, rules.llrd(loaded, decay=0.65), learning_rate=1e-4)
+
+With a head attached the backbone lives under `backbone/` and the head under `head/`; rule sets add that prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tljax.partition import FROZEN, TRAIN, train
+
+RuleList = list[tuple[str, object]]
+HEAD = r"^head/"
+
+
+def _has_head(loaded) -> bool:
+    return "head" in loaded.params and "backbone" in loaded.params
+
+
+def _at(loaded, regex: str) -> str:
+    """Anchors a backbone regex below `backbone/` when the model has a head."""
+    if _has_head(loaded) and regex.startswith("^"):
+        return "^backbone/" + regex[1:]
+    return regex
+
+
+def _head(loaded) -> RuleList:
+    return [(HEAD, TRAIN)] if _has_head(loaded) else []
+
+
+def _depth(loaded) -> int:
+    return loaded.family.num_layers(loaded.hf_config)
+
+
+def full(loaded) -> RuleList:
+    """Everything trains (full fine-tuning)."""
+    return [(".*", TRAIN)]
+
+
+def linear_probe(loaded) -> RuleList:
+    """Only the head trains (feature extraction + linear classifier)."""
+    if not _has_head(loaded):
+        raise ValueError("linear_probe needs a head: load with num_classes=... or head=...")
+    return [(HEAD, TRAIN), (".*", FROZEN)]
+
+
+def top_k(loaded, k: int) -> RuleList:
+    """The head, the top `k` blocks and everything above them (final norm, pooler) train; the rest is frozen."""
+    n = _depth(loaded)
+    if not 0 <= k <= n:
+        raise ValueError(f"top_k needs 0 <= k <= {n} (the model has {n} blocks), got k={k}")
+    blocks = loaded.family.block_regex
+    return (_head(loaded) + [(_at(loaded, blocks(i)), TRAIN) for i in range(n - k, n)]
+            + [(_at(loaded, blocks(i)), FROZEN) for i in range(n - k)]
+            + [(_at(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)])
+
+
+def surgical(loaded, block: int) -> RuleList:
+    """Only block `block` (and the head) trains: surgical fine-tuning (Lee et al., 2023)."""
+    n = _depth(loaded)
+    if not 0 <= block < n:
+        raise ValueError(f"surgical block must be in [0, {n}), got {block}")
+    return _head(loaded) + [(_at(loaded, loaded.family.block_regex(block)), TRAIN), (".*", FROZEN)]
+
+
+def bitfit(loaded) -> RuleList:
+    """Only biases (and the head) train (BitFit, Ben Zaken et al., 2022)."""
+    return _head(loaded) + [(r"bias$", TRAIN), (".*", FROZEN)]
+
+
+def norm_only(loaded) -> RuleList:
+    """Only normalisation layers' scales and biases (and the head) train."""
+    return _head(loaded) + [(r"norm/", TRAIN), (".*", FROZEN)]
+
+
+def embeddings_frozen(loaded) -> RuleList:
+    """Everything but the embeddings / stem trains."""
+    return [(_at(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)]
+
+
+def llrd(loaded, decay: float) -> RuleList:
+    """Layer-wise LR decay: `lr * decay ** (depth - layer_id)`, stem at layer 0, head and top at depth = n + 1."""
+    n = _depth(loaded)
+    blocks = [(_at(loaded, loaded.family.block_regex(i)), train(lr_mult=decay ** (n - i))) for i in range(n)]
+    return blocks + [(_at(loaded, loaded.family.STEM_REGEX), train(lr_mult=decay ** (n + 1))), (".*", TRAIN)]
+
+
+RULE_SETS: dict[str, Callable[..., RuleList]] = {
+    "full": full, "linear_probe": linear_probe, "top_k": top_k, "surgical": surgical, "bitfit": bitfit,
+    "norm_only": norm_only, "embeddings_frozen": embeddings_frozen, "llrd": llrd,
+}
+
+
+def get(name: str, loaded, **kwargs) -> RuleList:
+    """A rule set by name (for configs): `get("top_k", loaded, k=2)`."""
+    if name not in RULE_SETS:
+        raise ValueError(f"unknown rule set {name!r}; choose one of {sorted(RULE_SETS)}")
+    return RULE_SETS[name](loaded, **kwargs)
