@@ -54,17 +54,25 @@ def _tiny_bert_dir() -> str:
 
     torch.manual_seed(0)
     folder = tempfile.mkdtemp(prefix="tljax-bench-")
-    cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=256, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
     BertModel(cfg).save_pretrained(folder)
     return folder
 
 
 def _batch(batch: int, seq: int, vocab: int, classes: int) -> dict:
     rng = np.random.default_rng(0)
-    return {"input_ids": rng.integers(1000 % vocab, vocab, (batch, seq)).astype(np.int32),
-            "attention_mask": np.ones((batch, seq), np.int32),
-            "labels": rng.integers(0, classes, (batch,)).astype(np.int32)}
+    return {
+        "input_ids": rng.integers(1000 % vocab, vocab, (batch, seq)).astype(np.int32),
+        "attention_mask": np.ones((batch, seq), np.int32),
+        "labels": rng.integers(0, classes, (batch,)).astype(np.int32),
+    }
 
 
 def _naive(rule_list):
@@ -85,13 +93,21 @@ def _measure_step(loaded, rule_list, batch, reps) -> dict:
         return metrics["loss"]
 
     seconds = time_fn(run, reps=reps)
-    return {"seconds": seconds, "flops": flops, "opt_bytes": P.state_nbytes(state.opt_state),
-            "trainable_bytes": part.nbytes(True), "trainable_params": part.count(True)}
+    return {
+        "seconds": seconds,
+        "flops": flops,
+        "opt_bytes": P.state_nbytes(state.opt_state),
+        "trainable_bytes": part.nbytes(True),
+        "trainable_params": part.count(True),
+    }
 
 
 def _measure_forward(loaded, batch, reps) -> tuple[float, float]:
-    fwd = jax.jit(lambda params, b: loaded.model.apply(
-        {"params": params}, **model_inputs(b), train=True, rngs={"dropout": jax.random.key(0)})["logits"])
+    fwd = jax.jit(
+        lambda params, b: loaded.model.apply(
+            {"params": params}, **model_inputs(b), train=True, rngs={"dropout": jax.random.key(0)}
+        )["logits"]
+    )
     compiled = fwd.lower(loaded.params, batch).compile()
     return time_fn(compiled, loaded.params, batch, reps=reps), compiled.cost_analysis().get("flops", float("nan"))
 
@@ -102,31 +118,71 @@ def bench_freeze(quick: bool) -> list[dict]:
     loaded = tm.load_pretrained(folder, num_classes=4, pooling="mean")
     n = loaded.family.num_layers(loaded.hf_config)
     batch = _batch(batch_size, seq, loaded.hf_config.vocab_size, 4)
-    common = {"model": "tiny-bert" if quick else "all-MiniLM-L6-v2", "batch": batch_size, "seq": seq,
-              "device": jax.devices()[0].platform}
+    common = {
+        "model": "tiny-bert" if quick else "all-MiniLM-L6-v2",
+        "batch": batch_size,
+        "seq": seq,
+        "device": jax.devices()[0].platform,
+    }
     fwd_s, fwd_flops = _measure_forward(loaded, batch, reps)
     out = [emit("freeze/forward", "step_ms", 1e3 * fwd_s, flops=fwd_flops, **common)]
-    partitions = {"head_only": rules.linear_probe(loaded), "top_1": rules.top_k(loaded, 1),
-                  f"top_{n // 2}": rules.top_k(loaded, n // 2), "full": rules.full(loaded)}
+    partitions = {
+        "head_only": rules.linear_probe(loaded),
+        "top_1": rules.top_k(loaded, 1),
+        f"top_{n // 2}": rules.top_k(loaded, n // 2),
+        "full": rules.full(loaded),
+    }
     results = {}
     for name, rule_list in partitions.items():
         results[name] = r = _measure_step(loaded, rule_list, batch, reps)
-        out.append(emit(f"freeze/{name}", "step_ms", 1e3 * r["seconds"], flops=r["flops"],
-                        trainable_params=r["trainable_params"], opt_state_bytes=r["opt_bytes"], **common))
-        out.append(emit(f"freeze/{name}", "opt_state_over_trainable_bytes", r["opt_bytes"] / r["trainable_bytes"],
-                        **common))
+        out.append(
+            emit(
+                f"freeze/{name}",
+                "step_ms",
+                1e3 * r["seconds"],
+                flops=r["flops"],
+                trainable_params=r["trainable_params"],
+                opt_state_bytes=r["opt_bytes"],
+                **common,
+            )
+        )
+        out.append(
+            emit(f"freeze/{name}", "opt_state_over_trainable_bytes", r["opt_bytes"] / r["trainable_bytes"], **common)
+        )
         if name != "full":
             naive = _measure_step(loaded, _naive(rule_list), batch, reps)
-            out.append(emit(f"freeze/{name}_naive", "step_ms", 1e3 * naive["seconds"], flops=naive["flops"],
-                            opt_state_bytes=naive["opt_bytes"], **common))
+            out.append(
+                emit(
+                    f"freeze/{name}_naive",
+                    "step_ms",
+                    1e3 * naive["seconds"],
+                    flops=naive["flops"],
+                    opt_state_bytes=naive["opt_bytes"],
+                    **common,
+                )
+            )
             out.append(emit(f"freeze/{name}", "speedup_over_naive", naive["seconds"] / r["seconds"], **common))
     full = results["full"]
-    out.append(emit("freeze/head_only", "head_only_over_forward", results["head_only"]["seconds"] / fwd_s,
-                    target="<= 1.15", **common))
+    out.append(
+        emit(
+            "freeze/head_only",
+            "head_only_over_forward",
+            results["head_only"]["seconds"] / fwd_s,
+            target="<= 1.15",
+            **common,
+        )
+    )
     for name, r in results.items():
         if name.startswith("top_"):
-            out.append(emit(f"freeze/{name}", "time_over_full", r["seconds"] / full["seconds"],
-                            flop_share=r["flops"] / full["flops"], **common))
+            out.append(
+                emit(
+                    f"freeze/{name}",
+                    "time_over_full",
+                    r["seconds"] / full["seconds"],
+                    flop_share=r["flops"] / full["flops"],
+                    **common,
+                )
+            )
     return out
 
 

@@ -23,8 +23,14 @@ def tiny_bert_dir(tmp_path_factory):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=37, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     return save_tiny(tmp_path_factory.mktemp("tiny_bert"), BertModel(cfg).eval())
 
 
@@ -34,8 +40,16 @@ def tiny_roberta_dir(tmp_path_factory):
     from transformers import RobertaConfig, RobertaModel
 
     torch.manual_seed(1)
-    cfg = RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=64, pad_token_id=1, hidden_act="gelu_new")
+    cfg = RobertaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        hidden_act="gelu_new",
+    )
     return save_tiny(tmp_path_factory.mktemp("tiny_roberta"), RobertaModel(cfg).eval())
 
 

@@ -56,8 +56,9 @@ def test_dropout_only_in_train_mode(bert):
     loaded, _ = bert
     ids, mask = token_batch(2, 6)
     a = loaded.model.apply(loaded.variables, input_ids=ids, attention_mask=mask)["last_hidden_state"]
-    b = loaded.model.apply(loaded.variables, input_ids=ids, attention_mask=mask, train=True,
-                           rngs={"dropout": jax.random.key(0)})["last_hidden_state"]
+    b = loaded.model.apply(
+        loaded.variables, input_ids=ids, attention_mask=mask, train=True, rngs={"dropout": jax.random.key(0)}
+    )["last_hidden_state"]
     assert not np.allclose(a, b)
 
 

@@ -62,8 +62,11 @@ def test_shape_mismatch_names_key_and_shapes(bert_copy):
     cfg = json.loads((bert_copy / "config.json").read_text())
     cfg["intermediate_size"] = 40
     (bert_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shape mismatch: checkpoint tensor 'encoder.layer.0.intermediate"
-                                              r".dense.(weight|bias)' has shape .* expects"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch: checkpoint tensor 'encoder.layer.0.intermediate"
+        r".dense.(weight|bias)' has shape .* expects",
+    ):
         tm.load_pretrained(bert_copy)
 
 
@@ -80,7 +83,10 @@ def test_missing_tensor_is_an_error_until_reinit(bert_copy):
     with pytest.raises(CheckpointError, match=r"not in the checkpoint: \[encoder/layer_1/mlp/fc2/bias"):
         tm.load_pretrained(bert_copy)
     loaded = tm.load_pretrained(bert_copy, reinit=["layer_1/mlp/fc2"])
-    assert loaded.report.reinitialized == ["params/encoder/layer_1/mlp/fc2/bias", "params/encoder/layer_1/mlp/fc2/kernel"]
+    assert loaded.report.reinitialized == [
+        "params/encoder/layer_1/mlp/fc2/bias",
+        "params/encoder/layer_1/mlp/fc2/kernel",
+    ]
     assert float(np.abs(loaded.params["encoder"]["layer_1"]["mlp"]["fc2"]["kernel"]).sum()) > 0
 
 
@@ -144,8 +150,9 @@ def test_classification_head_is_new_and_separate(tiny_bert_dir):
     assert out["logits"].shape == (3, 5)
     plain = tm.load_pretrained(tiny_bert_dir)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), loaded.params["backbone"], plain.params))
-    want = tm.mean_pool(plain.model.apply(plain.variables, input_ids=ids, attention_mask=mask)["last_hidden_state"],
-                        mask)
+    want = tm.mean_pool(
+        plain.model.apply(plain.variables, input_ids=ids, attention_mask=mask)["last_hidden_state"], mask
+    )
     assert max_abs_diff(out["features"], want) == 0.0
 
 

@@ -8,8 +8,13 @@ from conftest import max_abs_diff
 import tljax.models as tm
 from tljax.assets import minilm_path
 
-SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-             "A monkey is playing drums.", "Fine-tuning pretrained encoders transfers well to small datasets."]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A monkey is playing drums.",
+    "Fine-tuning pretrained encoders transfers well to small datasets.",
+]
 
 
 @pytest.fixture(scope="module")

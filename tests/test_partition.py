@@ -77,8 +77,12 @@ def test_sgd_update_is_minus_group_lr_times_grad(clf, batch):
     state = init_state(params, part.tx)
 
     def loss(p):
-        out = loaded.model.apply({"params": p}, **{k: v for k, v in batch.items() if k != "labels"}, train=True,
-                                 rngs={"dropout": jax.random.fold_in(state.rng, 0)})
+        out = loaded.model.apply(
+            {"params": p},
+            **{k: v for k, v in batch.items() if k != "labels"},
+            train=True,
+            rngs={"dropout": jax.random.fold_in(state.rng, 0)},
+        )
         return optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["labels"]).mean()
 
     grads = _flat_np(jax.jit(jax.grad(loss))(params))
@@ -100,8 +104,12 @@ def test_frozen_params_cost_no_backward_flops(clf, batch):
         return compiled.cost_analysis()["flops"]
 
     def forward(params):
-        return clf.model.apply({"params": params}, **{k: v for k, v in batch.items() if k != "labels"}, train=True,
-                               rngs={"dropout": jax.random.key(0)})["logits"]
+        return clf.model.apply(
+            {"params": params},
+            **{k: v for k, v in batch.items() if k != "labels"},
+            train=True,
+            rngs={"dropout": jax.random.key(0)},
+        )["logits"]
 
     fwd = jax.jit(forward).lower(clf.params).compile().cost_analysis()["flops"]
     probe, top1, full = flops(rules.linear_probe(clf)), flops(rules.top_k(clf, 1)), flops(rules.full(clf))
@@ -164,8 +172,7 @@ def test_unknown_rule_field_and_optimizer(clf):
 
 
 def test_rules_from_config_data(clf):
-    part = P.build(clf.params, [("^head/", {"lr_mult": 10.0, "weight_decay": 0.0}), (".*", None)],
-                   learning_rate=1e-3)
+    part = P.build(clf.params, [("^head/", {"lr_mult": 10.0, "weight_decay": 0.0}), (".*", None)], learning_rate=1e-3)
     assert [(g.pattern, g.rule.trainable, g.lr) for g in part.groups] == [("^head/", True, 1e-2), (".*", False, 1e-3)]
 
 
@@ -199,14 +206,26 @@ def test_llrd_matches_family_layer_id(clf):
             assert g.lr == pytest.approx(0.8 ** (n + 1 - lid)), path
 
 
-@pytest.mark.parametrize("name,kwargs,trainable_prefixes", [
-    ("linear_probe", {}, ["head/"]),
-    ("full", {}, ["head/", "backbone/embeddings/", "backbone/encoder/layer_0/", "backbone/encoder/layer_1/",
-                  "backbone/pooler/"]),
-    ("top_k", {"k": 1}, ["head/", "backbone/encoder/layer_1/", "backbone/pooler/"]),
-    ("surgical", {"block": 0}, ["head/", "backbone/encoder/layer_0/"]),
-    ("embeddings_frozen", {}, ["head/", "backbone/encoder/", "backbone/pooler/"]),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,trainable_prefixes",
+    [
+        ("linear_probe", {}, ["head/"]),
+        (
+            "full",
+            {},
+            [
+                "head/",
+                "backbone/embeddings/",
+                "backbone/encoder/layer_0/",
+                "backbone/encoder/layer_1/",
+                "backbone/pooler/",
+            ],
+        ),
+        ("top_k", {"k": 1}, ["head/", "backbone/encoder/layer_1/", "backbone/pooler/"]),
+        ("surgical", {"block": 0}, ["head/", "backbone/encoder/layer_0/"]),
+        ("embeddings_frozen", {}, ["head/", "backbone/encoder/", "backbone/pooler/"]),
+    ],
+)
 def test_rule_set_trainable_table(clf, name, kwargs, trainable_prefixes):
     part = P.build(clf.params, rules.get(name, clf, **kwargs), learning_rate=1e-3)
     for path, t in tree.flatten(part.trainable_mask).items():
@@ -227,8 +246,45 @@ def test_step_forwards_frozen_params_untouched(clf, batch):
     state = init_state(clf.params, part.tx)
     closed = jax.make_jaxpr(make_train_step(clf.model, part))(state, batch)
     n_in = len(jax.tree.leaves(state))
-    in_params = closed.jaxpr.invars[1:1 + len(jax.tree.leaves(state.params))]  # after the step counter
-    out_params = closed.jaxpr.outvars[1:1 + len(in_params)]
+    in_params = closed.jaxpr.invars[1 : 1 + len(jax.tree.leaves(state.params))]  # after the step counter
+    out_params = closed.jaxpr.outvars[1 : 1 + len(in_params)]
     assert len(closed.jaxpr.invars) >= n_in
     for mask, vin, vout in zip(jax.tree.leaves(part.trainable_mask), in_params, out_params, strict=True):
         assert (vin is vout) == (not mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16, patch_size=8
+    )
+    folder = tmp_path_factory.mktemp("vit")
+    ViTModel(cfg).save_pretrained(folder)
+    return tm.load_pretrained(folder, num_classes=3)
+
+
+VIT_LLRD = {  # tiny ViT: 2 blocks, depth = 3; multiplier = decay ** (3 - layer_id)
+    "backbone/embeddings/cls_token": 0.5**3,
+    "backbone/embeddings/position_embeddings": 0.5**3,
+    "backbone/embeddings/patch_embeddings/": 0.5**3,
+    "backbone/encoder/layer_0/": 0.5**2,
+    "backbone/encoder/layer_1/": 0.5**1,
+    "backbone/final_norm/": 1.0,
+    "backbone/pooler/": 1.0,
+    "head/": 1.0,
+}
+
+
+def test_llrd_vit_table(tiny_vit):
+    part = P.build(tiny_vit.params, rules.llrd(tiny_vit, 0.5), learning_rate=1.0)
+    seen = set()
+    for g in part.groups:
+        for path in g.paths:
+            prefix = next(p for p in VIT_LLRD if path.startswith(p))
+            assert g.lr == pytest.approx(VIT_LLRD[prefix]), path
+            seen.add(prefix)
+    assert seen == set(VIT_LLRD)

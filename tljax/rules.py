@@ -56,9 +56,12 @@ def top_k(loaded, k: int) -> RuleList:
     if not 0 <= k <= n:
         raise ValueError(f"top_k needs 0 <= k <= {n} (the model has {n} blocks), got k={k}")
     blocks = loaded.family.block_regex
-    return (_head(loaded) + [(_at(loaded, blocks(i)), TRAIN) for i in range(n - k, n)]
-            + [(_at(loaded, blocks(i)), FROZEN) for i in range(n - k)]
-            + [(_at(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)])
+    return (
+        _head(loaded)
+        + [(_at(loaded, blocks(i)), TRAIN) for i in range(n - k, n)]
+        + [(_at(loaded, blocks(i)), FROZEN) for i in range(n - k)]
+        + [(_at(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)]
+    )
 
 
 def surgical(loaded, block: int) -> RuleList:
@@ -92,8 +95,14 @@ def llrd(loaded, decay: float) -> RuleList:
 
 
 RULE_SETS: dict[str, Callable[..., RuleList]] = {
-    "full": full, "linear_probe": linear_probe, "top_k": top_k, "surgical": surgical, "bitfit": bitfit,
-    "norm_only": norm_only, "embeddings_frozen": embeddings_frozen, "llrd": llrd,
+    "full": full,
+    "linear_probe": linear_probe,
+    "top_k": top_k,
+    "surgical": surgical,
+    "bitfit": bitfit,
+    "norm_only": norm_only,
+    "embeddings_frozen": embeddings_frozen,
+    "llrd": llrd,
 }
 
 

@@ -30,11 +30,11 @@ class TrainState:
     rng: jax.Array
 
 
-def init_state(params, tx: optax.GradientTransformation, collections: Mapping | None = None,
-               seed: int = 0) -> TrainState:
+def init_state(
+    params, tx: optax.GradientTransformation, collections: Mapping | None = None, seed: int = 0
+) -> TrainState:
     """A fresh `TrainState` at step 0 (optimizer moments only for trainable groups)."""
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), dict(collections or {}),
-                      jax.random.key(seed))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), dict(collections or {}), jax.random.key(seed))
 
 
 def cross_entropy(logits, labels) -> jax.Array:
@@ -60,8 +60,11 @@ def apply_updates(params, updates, trainable_mask):
     return jax.tree.map(lambda p, u, t: optax.apply_updates(p, u) if t else p, params, updates, trainable_mask)
 
 
-def make_train_step(model: nn.Module, partition: Partition,
-                    loss_fn: Callable[[Mapping, Mapping], tuple[jax.Array, dict]] = classification_loss):
+def make_train_step(
+    model: nn.Module,
+    partition: Partition,
+    loss_fn: Callable[[Mapping, Mapping], tuple[jax.Array, dict]] = classification_loss,
+):
     """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it with `donate_argnums=0`."""
     tx = partition.tx
 
@@ -78,8 +81,9 @@ def make_train_step(model: nn.Module, partition: Partition,
         grads, (metrics, collections) = jax.grad(loss_and_updates, has_aux=True)(state.params, state, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates, partition.trainable_mask)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            collections=collections or state.collections)
+        new = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, collections=collections or state.collections
+        )
         return new, metrics
 
     return train_step

@@ -15,5 +15,18 @@ def load_tokenizer(name_or_path, **kwargs):
     return AutoTokenizer.from_pretrained(resolve(name_or_path), **kwargs)
 
 
-__all__ = ["FAMILIES", "CheckpointError", "ClassificationHead", "LoadReport", "MultiHead", "Pretrained",
-           "WithHead", "family", "load_pretrained", "load_tokenizer", "mean_pool", "pool", "save_pretrained"]
+__all__ = [
+    "FAMILIES",
+    "CheckpointError",
+    "ClassificationHead",
+    "LoadReport",
+    "MultiHead",
+    "Pretrained",
+    "WithHead",
+    "family",
+    "load_pretrained",
+    "load_tokenizer",
+    "mean_pool",
+    "pool",
+    "save_pretrained",
+]

@@ -37,11 +37,19 @@ class Embeddings(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids):
-        embed = lambda n, name: nn.Embed(n, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         embedding_init=nn.initializers.normal(0.02), name=name)
-        x = (embed(self.vocab_size, "word_embeddings")(input_ids)
-             + embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids)
-             + embed(self.max_positions, "position_embeddings")(position_ids))
+        embed = lambda n, name: nn.Embed(
+            n,
+            self.width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.initializers.normal(0.02),
+            name=name,
+        )
+        x = (
+            embed(self.vocab_size, "word_embeddings")(input_ids)
+            + embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids)
+            + embed(self.max_positions, "position_embeddings")(position_ids)
+        )
         return nn.LayerNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
 
 
@@ -79,8 +87,7 @@ class BertModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 train: bool = False):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, train: bool = False):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
@@ -88,14 +95,28 @@ class BertModel(nn.Module):
         if position_ids is None:
             position_ids = self._positions(input_ids)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Embeddings(self.vocab_size, self.hidden_size, self.max_positions, self.type_vocab_size, self.eps,
-                       name="embeddings", **kw)(input_ids, token_type_ids, position_ids)
+        x = Embeddings(
+            self.vocab_size,
+            self.hidden_size,
+            self.max_positions,
+            self.type_vocab_size,
+            self.eps,
+            name="embeddings",
+            **kw,
+        )(input_ids, token_type_ids, position_ids)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         block = functools.partial(
-            layers.Block, self.num_heads, self.intermediate_size, self.act, pre_norm=False, eps=self.eps,
-            dropout=self.dropout, attention_dropout=self.attention_dropout, **kw)
-        x = layers.Encoder(self.num_layers, block, name="encoder")(x, layers.padding_mask(attention_mask),
-                                                                   train=train)
+            layers.Block,
+            self.num_heads,
+            self.intermediate_size,
+            self.act,
+            pre_norm=False,
+            eps=self.eps,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            **kw,
+        )
+        x = layers.Encoder(self.num_layers, block, name="encoder")(x, layers.padding_mask(attention_mask), train=train)
         out = {"last_hidden_state": x}
         if self.add_pooling_layer:
             out["pooler_output"] = Pooler(self.hidden_size, name="pooler", **kw)(x)
@@ -108,8 +129,9 @@ class BertModel(nn.Module):
         return jnp.cumsum(not_pad, axis=-1) * not_pad + self.pad_token_id
 
 
-def build(hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(),
-          add_pooling_layer: bool | None = None) -> BertModel:
+def build(
+    hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(), add_pooling_layer: bool | None = None
+) -> BertModel:
     """The linen module for an HF `BertConfig`/`RobertaConfig`.
 
     Args:
@@ -121,13 +143,23 @@ def build(hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_k
     if add_pooling_layer is None:
         add_pooling_layer = any("pooler." in k for k in checkpoint_keys) or not checkpoint_keys
     return BertModel(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        max_positions=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
-        act=c.hidden_act, eps=c.layer_norm_eps, dropout=c.hidden_dropout_prob,
-        attention_dropout=c.attention_probs_dropout_prob, pad_token_id=c.pad_token_id or 0,
-        roberta_positions=c.model_type == "roberta", add_pooling_layer=add_pooling_layer,
-        dtype=dtype, param_dtype=param_dtype)
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        max_positions=c.max_position_embeddings,
+        type_vocab_size=c.type_vocab_size,
+        act=c.hidden_act,
+        eps=c.layer_norm_eps,
+        dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob,
+        pad_token_id=c.pad_token_id or 0,
+        roberta_positions=c.model_type == "roberta",
+        add_pooling_layer=add_pooling_layer,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
 
 
 def dummy_inputs(hf_config) -> dict:
@@ -159,16 +191,22 @@ def block_regex(i: int) -> str:
 
 def key_map(hf_config) -> KeyMap:
     L, P = "encoder.layer.{i}.", "params/encoder/layer_{i}/"
-    rules = [Rule(f"embeddings.{n}.weight", f"params/embeddings/{n}/embedding")
-             for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    rules = [
+        Rule(f"embeddings.{n}.weight", f"params/embeddings/{n}/embedding")
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    ]
     rules += norm_rules("embeddings.LayerNorm", "params/embeddings/norm")
-    pairs = [("attention.self.query", "attention/query"), ("attention.self.key", "attention/key"),
-             ("attention.self.value", "attention/value"), ("attention.output.dense", "attention/out"),
-             ("intermediate.dense", "mlp/fc1"), ("output.dense", "mlp/fc2")]
+    pairs = [
+        ("attention.self.query", "attention/query"),
+        ("attention.self.key", "attention/key"),
+        ("attention.self.value", "attention/value"),
+        ("attention.output.dense", "attention/out"),
+        ("intermediate.dense", "mlp/fc1"),
+        ("output.dense", "mlp/fc2"),
+    ]
     for torch_name, flax_name in pairs:
         rules += dense_rules(L + torch_name, P + flax_name)
     rules += norm_rules(L + "attention.output.LayerNorm", P + "attention_norm")
     rules += norm_rules(L + "output.LayerNorm", P + "mlp_norm")
     rules += dense_rules("pooler.dense", "params/pooler/dense")
     return KeyMap(rules)
-

@@ -75,7 +75,8 @@ class KeyMap:
                 missing.append(path)
                 continue
             key, rule = hit
-            out[key] = np.ascontiguousarray(rule.transform.to_torch(np.asarray(value)))
+            tensor = rule.transform.to_torch(np.asarray(value))
+            out[key] = np.ascontiguousarray(tensor).reshape(np.shape(tensor))  # keeps 0-d tensors 0-d
         if missing:
             raise KeyError(f"no export rule for Flax variables {missing[:10]} ({len(missing)} in all)")
         return out

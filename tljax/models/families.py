@@ -5,6 +5,7 @@ Each family module provides:
   PREFIXES             base-model key prefixes to strip ("bert." of BertForXxx checkpoints)
   IGNORE               regexes over checkpoint keys dropped on purpose (buffers, pretraining heads), reported
   DEFAULT_POOLING      features a head sees by default ("cls", "pooler", ...)
+  STEM_REGEX           regex of the parameters below the first block (embeddings / stem), depth 0
   build(hf_config, *, dtype, param_dtype, checkpoint_keys, **options) -> linen module
   dummy_inputs(hf_config) -> kwargs that build every parameter in `init`
   key_map(hf_config) -> KeyMap (torch keys <-> flax paths, both directions)
@@ -17,10 +18,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tljax.models import bert
+from tljax.models import bert, clip, resnet, vit
 
 _MODULES = (
     bert,
+    clip,
+    vit,
+    resnet,
 )
 FAMILIES: dict[str, ModuleType] = {t: m for m in _MODULES for t in m.MODEL_TYPES}
 

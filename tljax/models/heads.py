@@ -30,8 +30,10 @@ def pool(outputs: Mapping, how: str, attention_mask=None):
         return outputs["last_hidden_state"].mean(axis=(1, 2))
     key = "pooler_output" if how == "pooler" else how
     if key not in outputs:
-        raise ValueError(f"pooling {how!r} needs output {key!r}, but the backbone returns {sorted(outputs)}; "
-                         f"choose one of {POOLINGS} or an output name")
+        raise ValueError(
+            f"pooling {how!r} needs output {key!r}, but the backbone returns {sorted(outputs)}; "
+            f"choose one of {POOLINGS} or an output name"
+        )
     out = outputs[key]
     return out.reshape(out.shape[0], -1)
 

@@ -35,12 +35,16 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, all
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json: point to a Hugging Face model folder "
-                                  "(config.json plus model.safetensors), e.g. one written by save_pretrained.")
+            raise CheckpointError(
+                f"{path} has no config.json: point to a Hugging Face model folder "
+                "(config.json plus model.safetensors), e.g. one written by save_pretrained."
+            )
         return path
     if _looks_like_path(str(name_or_path)) or path.exists():
-        raise CheckpointError(f"checkpoint folder {path} does not exist. Pass an existing folder holding "
-                              "config.json and model.safetensors, or a hub id like 'org/model'.")
+        raise CheckpointError(
+            f"checkpoint folder {path} does not exist. Pass an existing folder holding "
+            "config.json and model.safetensors, or a hub id like 'org/model'."
+        )
     return _from_hub(str(name_or_path), revision, allow_pickle)
 
 
@@ -51,17 +55,18 @@ def _from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
     offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
     patterns = WEIGHT_PATTERNS + (["pytorch_model*.bin"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_files_only=offline))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
             f"hub id {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
             f"{'HF_HUB_OFFLINE=1 is set' if offline else 'the hub cannot be reached'}. Download it once on a "
             "machine with network (huggingface-cli download " + repo_id + "), copy the cache, or pass a local "
-            "folder.") from e
+            "folder."
+        ) from e
     except Exception as e:  # network errors, missing repos, gated repos
-        raise CheckpointError(f"could not fetch hub id {repo_id!r}: {e}. Check the id, your network and "
-                              "HF_TOKEN, or pass a local folder.") from e
+        raise CheckpointError(
+            f"could not fetch hub id {repo_id!r}: {e}. Check the id, your network and HF_TOKEN, or pass a local folder."
+        ) from e
 
 
 def read_config_dict(folder: Path) -> dict:
@@ -82,11 +87,14 @@ def read_state_dict(folder: Path, *, allow_pickle: bool = False) -> dict[str, np
     if bins and not allow_pickle:
         raise CheckpointError(
             f"{folder} holds only pickled weights ({bins[0].name}); unpickling can run arbitrary code, so it "
-            "needs opt-in: pass allow_pickle=True, or convert the folder to model.safetensors.")
+            "needs opt-in: pass allow_pickle=True, or convert the folder to model.safetensors."
+        )
     if bins:
         return _read_pickle(bins)
-    raise CheckpointError(f"{folder} has no model.safetensors (nor model.safetensors.index.json, nor "
-                          "pytorch_model.bin): it is not a weights folder.")
+    raise CheckpointError(
+        f"{folder} has no model.safetensors (nor model.safetensors.index.json, nor "
+        "pytorch_model.bin): it is not a weights folder."
+    )
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:

@@ -57,8 +57,14 @@ class Attention(nn.Module):
     def __call__(self, x, mask=None, *, train: bool = False):
         width = x.shape[-1]
         head_dim = width // self.num_heads
-        dense = lambda name: nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype,
-                                      param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
+        dense = lambda name: nn.Dense(
+            width,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            name=name,
+        )
         split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
         q, k, v = (split(dense(n)(x)) for n in ("query", "key", "value"))
         if self.dropout > 0.0 and train:
@@ -87,8 +93,9 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         kernel_init=self.kernel_init, name=name)
+        dense = lambda n, name: nn.Dense(
+            n, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name
+        )
         return dense(x.shape[-1], "fc2")(activation(self.act)(dense(self.hidden, "fc1")(x)))
 
 

@@ -43,8 +43,10 @@ class LoadReport:
     num_params: int = 0
 
     def __str__(self) -> str:
-        lines = [f"load report for {self.source} ({self.model_type}, {self.num_params:,} parameters)",
-                 f"  loaded         {len(self.loaded):5d} tensors"]
+        lines = [
+            f"load report for {self.source} ({self.model_type}, {self.num_params:,} parameters)",
+            f"  loaded         {len(self.loaded):5d} tensors",
+        ]
         for title, items in [("re-initialised", self.reinitialized), ("ignored", self.ignored)]:
             lines.append(f"  {title:14s} {len(items):5d} " + ("" if not items else _preview(items)))
         lines += [f"  adapted        {p}: {note}" for p, note in self.adapted.items()]
@@ -112,13 +114,27 @@ def load_pretrained(
     hf_config = _hf_config(folder)
     state_dict = _normalise_keys(hub.read_state_dict(folder, allow_pickle=allow_pickle), fam.PREFIXES)
     dtype = jnp.dtype(dtype)
-    backbone = fam.build(hf_config, dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype),
-                         checkpoint_keys=set(state_dict), **family_options)
+    backbone = fam.build(
+        hf_config,
+        dtype=dtype,
+        param_dtype=jnp.dtype(param_dtype or dtype),
+        checkpoint_keys=set(state_dict),
+        **family_options,
+    )
     if num_classes is not None and head is None:
         head = ClassificationHead(num_classes, dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype))
     model = WithHead(backbone, head, pooling or fam.DEFAULT_POOLING) if head is not None else backbone
-    variables, report = _merge(model, fam, hf_config, state_dict, str(name_or_path), reinit, ignore, seed,
-                               prefix="backbone/" if head is not None else "")
+    variables, report = _merge(
+        model,
+        fam,
+        hf_config,
+        state_dict,
+        str(name_or_path),
+        reinit,
+        ignore,
+        seed,
+        prefix="backbone/" if head is not None else "",
+    )
     if verbose:
         print(report)
     variables = tree.unflatten(variables)
@@ -138,7 +154,7 @@ def _normalise_keys(state_dict: Mapping[str, np.ndarray], prefixes: Sequence[str
     for key, value in state_dict.items():
         for p in prefixes:
             if key.startswith(p):
-                key = key[len(p):]
+                key = key[len(p) :]
                 break
         key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
         out[key] = value
@@ -157,8 +173,11 @@ def _merge(model, fam, hf_config, state_dict, source, reinit, ignore, seed, pref
     converted, src = keymap.to_flax(state_dict)
     converted = {_add_prefix(p, prefix): v for p, v in converted.items()}
     src = {_add_prefix(p, prefix): k for p, k in src.items()}
-    report = LoadReport(source, hf_config.model_type, num_params=tree.count(
-        {p: s for p, s in shapes.items() if p.startswith("params/")}))
+    report = LoadReport(
+        source,
+        hf_config.model_type,
+        num_params=tree.count({p: s for p, s in shapes.items() if p.startswith("params/")}),
+    )
     if hasattr(fam, "adapt"):
         report.adapted = fam.adapt(converted, shapes, hf_config, prefix)
     ignore_res, reinit_res = _compile("ignore", ignore), _compile("reinit", reinit)
@@ -189,8 +208,7 @@ def _check_patterns_used(what: str, regexes: list[re.Pattern], names: Iterable[s
     unused = [r.pattern for r in regexes if not any(r.search(n) for n in names)]
     if unused:
         target = "checkpoint key" if what == "ignore" else "model parameter path"
-        raise CheckpointError(f"{what} pattern(s) {unused} match no {target}; fix the regex (examples: "
-                              f"{names[:3]}).")
+        raise CheckpointError(f"{what} pattern(s) {unused} match no {target}; fix the regex (examples: {names[:3]}).")
 
 
 def _check_unexpected(unmapped, converted, src, shapes, family_ignore, user_ignore) -> list[str]:
@@ -202,7 +220,8 @@ def _check_unexpected(unmapped, converted, src, shapes, family_ignore, user_igno
         raise CheckpointError(
             f"{len(unexpected)} checkpoint tensor(s) have no place in the model: {_preview(unexpected, 10)}. "
             "Either the config does not match the weights, or these belong to a head the backbone does not have; "
-            "pass ignore=[regex, ...] to drop them on purpose.")
+            "pass ignore=[regex, ...] to drop them on purpose."
+        )
     return sorted(ignored)
 
 
@@ -219,11 +238,13 @@ def _to_reinit(shapes, converted, src, reinit_res, prefix) -> list[str]:
             raise CheckpointError(
                 f"shape mismatch: checkpoint tensor {src[path]!r} has shape {tuple(converted[path].shape)} but "
                 f"model parameter {name!r} expects {tuple(shape.shape)}. config.json does not describe these "
-                f"weights, or the layer changed on purpose: then pass reinit=[{re.escape(name)!r}].")
+                f"weights, or the layer changed on purpose: then pass reinit=[{re.escape(name)!r}]."
+            )
     if missing:
         raise CheckpointError(
             f"{len(missing)} model parameter(s) are not in the checkpoint: {_preview(missing, 10)}. Pass "
-            "reinit=[regex, ...] to initialise them fresh (e.g. a new head), or check that config.json matches.")
+            "reinit=[regex, ...] to initialise them fresh (e.g. a new head), or check that config.json matches."
+        )
     return to_init
 
 
@@ -235,8 +256,14 @@ def _init_only(model, dummy, rngs, paths: list[str]) -> dict[str, jax.Array]:
     return init(rngs)
 
 
-def save_pretrained(folder: str | os.PathLike, loaded: Pretrained, *, params: Mapping | None = None,
-                    state: Mapping | None = None, overwrite: bool = False) -> Path:
+def save_pretrained(
+    folder: str | os.PathLike,
+    loaded: Pretrained,
+    *,
+    params: Mapping | None = None,
+    state: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Writes params back as an HF folder (config.json + model.safetensors with HF key names).
 
     The folder appears atomically (written beside it, then renamed): a crash never leaves a half-written one.
@@ -252,8 +279,9 @@ def save_pretrained(folder: str | os.PathLike, loaded: Pretrained, *, params: Ma
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
-    flat = tree.flatten({"params": params if params is not None else loaded.params,
-                         **(state if state is not None else loaded.state)})
+    flat = tree.flatten(
+        {"params": params if params is not None else loaded.params, **(state if state is not None else loaded.state)}
+    )
     flat = {p: np.asarray(jnp.asarray(v, jnp.float32) if v.dtype == jnp.bfloat16 else v) for p, v in flat.items()}
     head = {p: v for p, v in flat.items() if _collection_free(p).startswith("head/")}
     body = {p.replace("/backbone/", "/", 1): v for p, v in flat.items() if p not in head}

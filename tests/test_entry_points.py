@@ -1,0 +1,38 @@
+"""The README's main job, the benchmark's quick mode and the notebooks run end to end."""
+
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_demo_finds_paraphrases_and_matches_torch(capsys):
+    from experiments import demo
+
+    assert demo.main(["--check-torch"]) == 0
+    out = capsys.readouterr().out
+    assert "paraphrase pairs found: True" in out and "trainable 22,714,756 of 22,714,756" in out
+
+
+def test_bench_freeze_quick_prints_json_lines(capsys):
+    from experiments import bench
+
+    bench.main(["freeze", "--quick"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    metrics = {(r["name"], r["metric"]): r["value"] for r in rows}
+    assert metrics[("freeze/full", "opt_state_over_trainable_bytes")] == 2.0
+    assert metrics[("freeze/head_only", "opt_state_over_trainable_bytes")] == 2.0
+    assert ("freeze/head_only", "head_only_over_forward") in metrics
+    flops = {r["name"]: r["flops"] for r in rows if r["metric"] == "step_ms"}
+    assert flops["freeze/head_only"] < 1.15 * flops["freeze/forward"] < flops["freeze/full"]
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_runs(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    namespace = {}
+    exec(compile(code, str(notebook), "exec"), namespace)  # noqa: S102 - our own notebook
+    assert float(namespace["metrics"]["loss"]) < 0.69

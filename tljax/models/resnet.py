@@ -1,0 +1,252 @@
+"""ResNet (any HF `ResNetConfig`, e.g. microsoft/resnet-50) as a linen module with BatchNorm.
+
+Parameter layout (every conv+BatchNorm pair is one `ConvNorm`, HF's `ResNetConvLayer`):
+`embedder/{conv,norm}`, `stage_{s}/block_{b}/conv_{k}/{conv,norm}`, `stage_{s}/block_{b}/shortcut/{conv,norm}`.
+Conv kernels are HWIO without bias; BatchNorm keeps `scale`/`bias` in "params" and `mean`/`var` in "batch_stats".
+
+Outputs differ in layout from HF on purpose (channels-last is what XLA convs want): `last_hidden_state` is NHWC
+(B, H, W, C) where HF gives NCHW, and `pooler_output` is (B, C) where HF gives (B, C, 1, 1).
+
+BatchNorm modes:
+- `train=False`: running statistics (HF `.eval()`).
+- `train=True`: batch statistics; the updated running statistics come back with `mutable=["batch_stats"]`
+  (momentum 0.9 here == torch momentum 0.1). One difference from torch we cannot remove with flax's `nn.BatchNorm`:
+  torch folds the *unbiased* batch variance (x n/(n-1), n = B*H*W) into `running_var`, flax the biased one.
+  Normalisation itself (biased variance) and `running_mean` match exactly.
+- `freeze_bn_stats=True` (build option): running statistics always, also under `train=True` (the usual choice when
+  fine-tuning with small batches); `mutable` is then not needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tljax.models import layers
+from tljax.models.convert import CONV, KeyMap, Rule
+
+MODEL_TYPES = ("resnet",)
+PREFIXES = ("resnet.",)  # base-model prefix of ResNetForImageClassification checkpoints
+DEFAULT_POOLING = "pooler"
+STEM_REGEX = r"^embedder/"  # parameters at depth 0 (below stage 0)
+# Dropped on purpose and reported: the ImageNet classifier and torch's BatchNorm step counters (unused with momentum).
+IGNORE = (r"^classifier\.", r"num_batches_tracked$")
+LAYER_TYPES = ("basic", "bottleneck")
+BOTTLENECK_REDUCTION = 4  # HF's ResNetBottleNeckLayer(reduction=4)
+# torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"), HF's conv init.
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated in jax
+
+
+class ConvNorm(nn.Module):
+    """conv (no bias, torch's symmetric `kernel // 2` padding) -> BatchNorm -> activation: HF's `ResNetConvLayer`."""
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    act: Callable | None = jax.nn.relu
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool):
+        pad = self.kernel // 2
+        x = nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=self.stride,
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            kernel_init=CONV_INIT,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+        # use_fast_variance=False: E[(x - mean)^2], like torch, not E[x^2] - mean^2 (cancellation in fp32).
+        x = nn.BatchNorm(
+            use_running_average=use_running_average,
+            momentum=0.9,
+            epsilon=1e-5,
+            use_fast_variance=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="norm",
+        )(x)
+        return x if self.act is None else self.act(x)
+
+
+class Block(nn.Module):
+    """A residual block ("basic": 3x3, 3x3; "bottleneck": 1x1, 3x3, 1x1), projected shortcut when shapes change.
+
+    As in HF, the convolutions inside the block always use relu; `act` (config.hidden_act) is applied after the sum.
+    """
+
+    features: int
+    stride: int = 1
+    layer_type: str = "bottleneck"
+    downsample_in_bottleneck: bool = False
+    act: str = "relu"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool):
+        unit = lambda f, k, s, act, name: ConvNorm(
+            f, k, s, act, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        residual = x
+        if x.shape[-1] != self.features or self.stride != 1:
+            residual = unit(self.features, 1, self.stride, None, "shortcut")(x, use_running_average=use_running_average)
+        for k, (features, kernel, stride, relu) in enumerate(self._convs()):
+            x = unit(features, kernel, stride, jax.nn.relu if relu else None, f"conv_{k}")(
+                x, use_running_average=use_running_average
+            )
+        return layers.activation(self.act)(x + residual)
+
+    def _convs(self) -> list[tuple[int, int, int, bool]]:
+        """(features, kernel, stride, relu) per conv; the stride sits on the 3x3 unless downsample_in_bottleneck."""
+        if self.layer_type == "basic":
+            return [(self.features, 3, self.stride, True), (self.features, 3, 1, False)]
+        mid = self.features // BOTTLENECK_REDUCTION
+        s0, s1 = (self.stride, 1) if self.downsample_in_bottleneck else (1, self.stride)
+        return [(mid, 1, s0, True), (mid, 3, s1, True), (self.features, 1, 1, False)]
+
+
+class Stage(nn.Module):
+    """`depth` blocks named `block_0 ...`; only the first one strides."""
+
+    features: int
+    depth: int
+    stride: int
+    block: Callable[..., Block]
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool):
+        for b in range(self.depth):
+            x = self.block(self.features, self.stride if b == 0 else 1, name=f"block_{b}")(
+                x, use_running_average=use_running_average
+            )
+        return x
+
+
+class ResNetModel(nn.Module):
+    """HF `ResNetModel`: NCHW `pixel_values` in; NHWC `last_hidden_state` and (B, C) `pooler_output` out."""
+
+    num_channels: int = 3
+    embedding_size: int = 64
+    hidden_sizes: Sequence[int] = (256, 512, 1024, 2048)
+    depths: Sequence[int] = (3, 4, 6, 3)
+    layer_type: str = "bottleneck"
+    act: str = "relu"
+    downsample_in_first_stage: bool = False
+    downsample_in_bottleneck: bool = False
+    freeze_bn_stats: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values, *, train: bool = False):
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must be NCHW with {self.num_channels} channels (HF layout), got shape "
+                f"{pixel_values.shape}"
+            )
+        running = not train or self.freeze_bn_stats
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = jnp.transpose(pixel_values, (0, 2, 3, 1))
+        x = ConvNorm(self.embedding_size, 7, 2, layers.activation(self.act), name="embedder", **kw)(
+            x, use_running_average=running
+        )
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf, like torch
+        block = lambda features, stride, name: Block(
+            features, stride, self.layer_type, self.downsample_in_bottleneck, self.act, name=name, **kw
+        )
+        for s, (features, depth) in enumerate(zip(self.hidden_sizes, self.depths, strict=True)):
+            stride = 2 if s > 0 or self.downsample_in_first_stage else 1
+            x = Stage(features, depth, stride, block, name=f"stage_{s}")(x, use_running_average=running)
+        return {"last_hidden_state": x, "pooler_output": x.mean(axis=(1, 2))}
+
+
+def build(
+    hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(), freeze_bn_stats: bool = False
+) -> ResNetModel:
+    """The linen module for an HF `ResNetConfig`.
+
+    Args:
+      freeze_bn_stats: BatchNorm always normalises with the running statistics and never updates them, also under
+        `train=True` (dropout in a head still trains).
+    """
+    c = hf_config
+    if c.layer_type not in LAYER_TYPES:
+        raise ValueError(f"layer_type={c.layer_type!r} is not supported; supported: {LAYER_TYPES}")
+    layers.activation(c.hidden_act)  # unknown activations fail here, at build time
+    if len(c.hidden_sizes) != len(c.depths):
+        raise ValueError(f"hidden_sizes {list(c.hidden_sizes)} and depths {list(c.depths)} differ in length")
+    return ResNetModel(
+        num_channels=c.num_channels,
+        embedding_size=c.embedding_size,
+        hidden_sizes=tuple(c.hidden_sizes),
+        depths=tuple(c.depths),
+        layer_type=c.layer_type,
+        act=c.hidden_act,
+        downsample_in_first_stage=c.downsample_in_first_stage,
+        downsample_in_bottleneck=c.downsample_in_bottleneck,
+        freeze_bn_stats=freeze_bn_stats,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def dummy_inputs(hf_config) -> dict:
+    """Smallest inputs that build every parameter (for `init` / `jax.eval_shape`)."""
+    return {"pixel_values": np.zeros((1, hf_config.num_channels, 32, 32), np.float32)}
+
+
+def num_layers(hf_config) -> int:
+    """Number of stages (the unit of layer-wise LR decay)."""
+    return len(hf_config.depths)
+
+
+def feature_dim(hf_config) -> int:
+    return hf_config.hidden_sizes[-1]
+
+
+def layer_id(path: str, n_layers: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: embedder 0, `stage_s` s+1, above n_layers+1."""
+    if path.startswith("embedder/"):
+        return 0
+    if path.startswith("stage_"):
+        return int(path.split("/")[0].removeprefix("stage_")) + 1
+    return n_layers + 1
+
+
+def block_regex(i: int) -> str:
+    """Regex for every parameter of stage i."""
+    return rf"^stage_{i}/"
+
+
+def conv_norm_rules(torch_name: str, flax_name: str) -> list[Rule]:
+    """HF `ResNetConvLayer`/`ResNetShortCut` (`convolution`, `normalization`) <-> `ConvNorm` (`conv`, `norm`).
+
+    `flax_name` has no collection: the kernel and affine parameters go to "params", running statistics to
+    "batch_stats".
+    """
+    conv, norm = f"{torch_name}.convolution.", f"{torch_name}.normalization."
+    return [
+        Rule(conv + "weight", f"params/{flax_name}/conv/kernel", CONV),
+        Rule(norm + "weight", f"params/{flax_name}/norm/scale"),
+        Rule(norm + "bias", f"params/{flax_name}/norm/bias"),
+        Rule(norm + "running_mean", f"batch_stats/{flax_name}/norm/mean"),
+        Rule(norm + "running_var", f"batch_stats/{flax_name}/norm/var"),
+    ]
+
+
+def key_map(hf_config) -> KeyMap:
+    T, F = "encoder.stages.{s}.layers.{b}.", "stage_{s}/block_{b}/"
+    rules = conv_norm_rules("embedder.embedder", "embedder")
+    rules += conv_norm_rules(T + "shortcut", F + "shortcut")
+    rules += conv_norm_rules(T + "layer.{k}", F + "conv_{k}")
+    return KeyMap(rules)
