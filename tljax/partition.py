@@ -129,6 +129,7 @@ class Group:
     nbytes: int
     lr: LearningRate
     weight_decay: float
+    age: int = 0  # optimizer steps its parameters carried in from earlier phases (their optax count)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def build(
     weight_decay: float = 0.0,
     no_decay: Sequence[str] = NO_DECAY,
     clip_norm: float | None = None,
+    ages: Mapping[str, int] | None = None,
     **optimizer_kwargs,
 ) -> Partition:
     """Resolves `rules` over `params` (arrays or `jax.ShapeDtypeStruct`s) into groups and one optax transform.
@@ -242,6 +244,8 @@ def build(
       weight_decay: default decoupled weight decay of trainable groups (rules may override).
       no_decay: regexes of parameters never decayed (biases, norms); frozen parameters never are.
       clip_norm: clip the global gradient norm of all trainable parameters first.
+      ages: per-path optimizer steps already taken (freezing schedules): parameters of different ages get
+        separate groups, so moments and step counts carry over exactly with `carry_state`.
       optimizer_kwargs: passed to the optimizer factory (e.g. b1, b2, momentum).
 
     Returns:
@@ -251,7 +255,8 @@ def build(
     flat = tree.flatten(params)
     paths = list(flat)
     owner = assign(paths, rules)
-    groups = _groups(flat, owner, rules, learning_rate, weight_decay, [re.compile(r) for r in no_decay])
+    no_decay_res = [re.compile(r) for r in no_decay]
+    groups = _groups(flat, owner, rules, learning_rate, weight_decay, no_decay_res, dict(ages or {}))
     label_of = {p: g.label for g in groups for p in g.paths}
     labels = tree.map_with_path(lambda p, _: label_of[p], params)
     transforms = {g.label: _group_tx(g, make, optimizer_kwargs) for g in groups}
@@ -269,42 +274,35 @@ def _optimizer_factory(optimizer):
     return OPTIMIZERS[optimizer]
 
 
-def _groups(flat, owner, rules, learning_rate, weight_decay, no_decay) -> list[Group]:
+def _groups(flat, owner, rules, learning_rate, weight_decay, no_decay, ages) -> list[Group]:
+    """One group per (rule, decays?, age): parameters that share an optax transform must share its step count."""
     groups = []
     for i, (pattern, spec) in enumerate(rules):
         rule = as_rule(spec)
-        mine = [p for p, o in zip(flat, owner, strict=True) if o == i]
         wd = weight_decay if rule.weight_decay is None else rule.weight_decay
-        decays = {True: [], False: []}
-        for p in mine:
-            decays[bool(rule.trainable and wd and not any(r.search(p) for r in no_decay))].append(p)
-        for decay, ps in decays.items():
-            if ps:
-                label = f"g{i}" + ("" if decay or not (rule.trainable and wd) else "-nd")
-                sub = {p: flat[p] for p in ps}
-                groups.append(
-                    Group(
-                        label,
-                        pattern,
-                        rule,
-                        decay,
-                        tuple(ps),
-                        tree.count(sub),
-                        tree.nbytes(sub),
-                        _group_lr(rule, learning_rate),
-                        wd if decay else 0.0,
-                    )
-                )
+        buckets: dict[tuple[bool, int], list[str]] = {}
+        for p, o in zip(flat, owner, strict=True):
+            if o == i:
+                decay = bool(rule.trainable and wd and not any(r.search(p) for r in no_decay))
+                buckets.setdefault((decay, ages.get(p, 0) if rule.trainable else 0), []).append(p)
+        for (decay, age), ps in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+            label = f"g{i}" + ("-nd" if rule.trainable and wd and not decay else "") + (f"@{age}" if age else "")
+            sub = {p: flat[p] for p in ps}
+            lr = _group_lr(rule, learning_rate, age)
+            groups.append(Group(label, pattern, rule, decay, tuple(ps), tree.count(sub), tree.nbytes(sub), lr,
+                                wd if decay else 0.0, age))
     return groups
 
 
-def _group_lr(rule: Rule, base: LearningRate) -> LearningRate:
-    if rule.lr is not None:
-        return rule.lr
-    if callable(base):
-        mult = rule.lr_mult
-        return base if mult == 1.0 else (lambda step: mult * base(step))
-    return base * rule.lr_mult
+def _group_lr(rule: Rule, base: LearningRate, age: int = 0) -> LearningRate:
+    """The group's LR; schedules see the phase-local step (optax's count minus the steps carried in)."""
+    lr = rule.lr if rule.lr is not None else base
+    mult = 1.0 if rule.lr is not None else rule.lr_mult
+    if not callable(lr):
+        return lr * mult
+    if mult == 1.0 and age == 0:
+        return lr
+    return lambda count: mult * lr(count - age)
 
 
 def _group_tx(g: Group, make, optimizer_kwargs) -> optax.GradientTransformation:
@@ -318,3 +316,61 @@ def state_nbytes(opt_state) -> int:
     """Bytes of the floating-point arrays in an optimizer state (moments; step counters excluded)."""
     leaves = [x for x in jax.tree.leaves(opt_state) if np.issubdtype(np.dtype(x.dtype), np.floating)]
     return tree.nbytes(leaves)
+
+
+def carry_state(old_state, old: Partition, new: Partition, params):
+    """The optimizer state for `new`, carrying over exactly what `old` had for parameters that keep training.
+
+    Groups of `new` with age > 0 (built with `ages`) take their moments per parameter and their step counts from
+    `old`'s groups; groups with age 0 (newly thawed) start fresh; frozen groups hold no state. Both partitions must
+    use the same optimizer, so the per-group state structures agree.
+    """
+    old_index = _index_state(old_state, set(tree.flatten(old.labels)))
+    old_label = tree.flatten(old.labels)
+    fresh = new.tx.init(params)
+    param_paths = set(tree.flatten(new.labels))
+    by_label = {g.label: g for g in new.groups}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    out = []
+    for key_path, leaf in leaves:
+        label, where, param = _locate(key_path, param_paths)
+        group = by_label.get(label)
+        if group is None or group.age == 0:
+            out.append(leaf)
+            continue
+        source = (old_label[param if param else group.paths[0]], where, param)
+        if source not in old_index:
+            raise ValueError(f"cannot carry optimizer state of {param or label!r} from the previous phase: its state "
+                             "structure differs (phases must share the optimizer to carry state over)")
+        out.append(old_index[source])
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _index_state(state, param_paths) -> dict:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {_locate(kp, param_paths): leaf for kp, leaf in leaves}
+
+
+def state_by_param(opt_state, params) -> dict[str, Any]:
+    """Per-parameter optimizer-state leaves keyed `"<slot>:<param path>"` (e.g. `"|/0/mu:head/out/kernel"`),
+    independent of group labels: compare or inspect states of differently grouped partitions."""
+    index = _index_state(opt_state, set(tree.flatten(params)))
+    return {f"{where}:{param}": leaf for (_, where, param), leaf in index.items() if param is not None}
+
+
+def _locate(key_path, param_paths) -> tuple[str | None, str, str | None]:
+    """(group label, position inside the group's state, parameter path or None for scalars like counts)."""
+    parts = [_key_str(k) for k in key_path]
+    label = None
+    if "inner_states" in parts:
+        i = parts.index("inner_states")
+        label, parts = parts[i + 1], parts[:i] + ["|"] + parts[i + 2 :]
+    for start in range(len(parts)):
+        candidate = tree.SEP.join(parts[start:])
+        if candidate in param_paths:
+            return label, tree.SEP.join(parts[:start]), candidate
+    return label, tree.SEP.join(parts), None
+
+
+def _key_str(k) -> str:
+    return tree.path_str((k,))

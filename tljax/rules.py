@@ -50,18 +50,34 @@ def linear_probe(loaded) -> RuleList:
     return [(HEAD, TRAIN), (".*", FROZEN)]
 
 
-def top_k(loaded, k: int) -> RuleList:
-    """The head, the top `k` blocks and everything above them (final norm, pooler) train; the rest is frozen."""
+def top_k(loaded, k: int, decay: float | None = None) -> RuleList:
+    """The head, the top `k` blocks and everything above them (final norm, pooler) train; the rest is frozen.
+
+    `decay` adds discriminative LRs (ULMFiT): block i trains at `decay ** (depth - layer_id)` times the base LR.
+    """
     n = _depth(loaded)
     if not 0 <= k <= n:
         raise ValueError(f"top_k needs 0 <= k <= {n} (the model has {n} blocks), got k={k}")
     blocks = loaded.family.block_regex
+    rule = (lambda i: TRAIN) if decay is None else (lambda i: train(lr_mult=decay ** (n - i)))
     return (
         _head(loaded)
-        + [(_at(loaded, blocks(i)), TRAIN) for i in range(n - k, n)]
+        + [(_at(loaded, blocks(i)), rule(i)) for i in range(n - k, n)]
         + [(_at(loaded, blocks(i)), FROZEN) for i in range(n - k)]
         + [(_at(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)]
     )
+
+
+def single(loaded, group: str | int) -> RuleList:
+    """Only one group trains: "head", "stem" (embeddings), or block index i (chain-thaw's stages)."""
+    if group == "head":
+        return linear_probe(loaded)
+    if group == "stem":
+        return [(_at(loaded, loaded.family.STEM_REGEX), TRAIN), (".*", FROZEN)]
+    n = _depth(loaded)
+    if not isinstance(group, int) or not 0 <= group < n:
+        raise ValueError(f"single(group=...) takes 'head', 'stem' or a block index in [0, {n}), got {group!r}")
+    return [(_at(loaded, loaded.family.block_regex(group)), TRAIN), (".*", FROZEN)]
 
 
 def surgical(loaded, block: int) -> RuleList:
@@ -101,6 +117,7 @@ RULE_SETS: dict[str, Callable[..., RuleList]] = {
     "surgical": surgical,
     "bitfit": bitfit,
     "norm_only": norm_only,
+    "single": single,
     "embeddings_frozen": embeddings_frozen,
     "llrd": llrd,
 }

@@ -1,0 +1,194 @@
+"""Freezing schedules: exact optimizer-state carry-over, resume mid-schedule, built-ins, bad schedules."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import token_batch
+
+import tljax.models as tm
+from tljax import freezing, tree
+from tljax import partition as P
+from tljax.freezing import FreezingSchedule, Phase
+from tljax.train import abstract_state, run_schedule
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_bert_dir):
+    loaded = tm.load_pretrained(tiny_bert_dir, num_classes=3, pooling="pooler")
+    params = jax.tree.map(lambda x: x, loaded.params)  # a non-zero head so gradients reach the backbone
+    params["head"]["out"]["kernel"] = jnp.full_like(params["head"]["out"]["kernel"], 0.1)
+    return dataclasses.replace(loaded, params=params)
+
+
+def batches(start=0):
+    for i in itertools.count(start):
+        ids, mask = token_batch(4, 8, seed=i)
+        yield {"input_ids": ids, "attention_mask": mask, "labels": np.array([i % 3, 1, 2, 0])}
+
+
+def _same_state(a, b, params) -> bool:
+    """Optimizer states equal per parameter (group labels may differ between partitions)."""
+    sa, sb = P.state_by_param(a, params), P.state_by_param(b, params)
+    return set(sa) == set(sb) and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def _bitwise_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+TOP1 = [("^head/", "train"), ("layer_1/", "train"), ("pooler/", "train"), (".*", None)]
+
+
+def test_split_into_phases_equals_one_phase(clf):
+    one = FreezingSchedule((Phase(6, rules=TOP1, learning_rate=1e-2),))
+    two = FreezingSchedule((Phase(2, rules=TOP1, learning_rate=1e-2), Phase(4, rules=TOP1, learning_rate=1e-2)))
+    s1, _ = run_schedule(clf, one, batches(), weight_decay=0.01)
+    s2, hist = run_schedule(clf, two, batches(), weight_decay=0.01)
+    assert [h.end for h in hist] == [2, 6]
+    assert _bitwise_equal(s1.params, s2.params) and _same_state(s1.opt_state, s2.opt_state, s1.params)
+
+
+def test_thawing_a_group_keeps_the_carried_group_exact(clf):
+    """Phase 2 thaws layer_0 at LR 0 (forward unchanged): the carried groups match an uninterrupted run.
+
+    Not bitwise: the thawed phase compiles a different program (layer_0's backward added), and XLA's fusion of the
+    shared parts may round differently in the last ulp. With unchanged rules the split run is bitwise equal (above).
+    """
+    thaw = [("layer_0/", P.train(lr=0.0, weight_decay=0.0))] + TOP1
+    one = FreezingSchedule((Phase(5, rules=TOP1, learning_rate=1e-2),))
+    two = FreezingSchedule((Phase(2, rules=TOP1, learning_rate=1e-2), Phase(3, rules=thaw, learning_rate=1e-2)))
+    kw = {"optimizer": "sgd", "momentum": 0.9}  # stateful; Adam would blow last-ulp gradient noise up to ~lr
+    s1, _ = run_schedule(clf, one, batches(), **kw)
+    s2, hist = run_schedule(clf, two, batches(), **kw)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert hist[1].trainable_params > hist[0].trainable_params
+
+
+def test_carry_state_moments_counts_and_fresh_groups(clf):
+    sched = FreezingSchedule((Phase(3, rules=TOP1, learning_rate=1e-2),
+                              Phase(1, rules=[("layer_0/", "train")] + TOP1, learning_rate=1e-2)))
+    state, _ = run_schedule(clf, sched, batches(), until=3)
+    old = freezing.partition_for(sched, 0, clf, clf.params)
+    new = freezing.partition_for(sched, 1, clf, clf.params)
+    assert {g.label: g.age for g in new.groups if g.rule.trainable} == {"g0": 0, "g1@3": 3, "g2@3": 3, "g3@3": 3}
+    carried = P.carry_state(state.opt_state, old, new, state.params)
+    by_label = carried.inner_states
+    assert int(by_label["g1@3"].inner_state[0].count) == 3 and int(by_label["g0"].inner_state[0].count) == 0
+    mu_new = tree.flatten(by_label["g0"].inner_state[0].mu)
+    assert mu_new and all(not np.any(v) for v in mu_new.values())  # layer_0 thaws: fresh zeros
+    old_mu = tree.flatten(state.opt_state.inner_states["g0"].inner_state[0].mu)  # head in phase 0 was g0
+    new_mu = tree.flatten(by_label["g1@3"].inner_state[0].mu)
+    assert set(new_mu) == set(old_mu) and all(np.array_equal(new_mu[p], old_mu[p]) for p in new_mu)
+
+
+def test_frozen_groups_hold_no_state_in_every_phase(clf):
+    sched = freezing.get("gradual_unfreeze", clf, steps_per_stage=1, lr=1e-3)
+    _, hist = run_schedule(clf, sched, batches())
+    for h in hist:
+        part = freezing.partition_for(sched, h.index, clf, clf.params)
+        assert h.opt_state_bytes == 2 * part.nbytes(True), h.name
+
+
+def test_resume_mid_schedule_equals_no_interruption(clf, tmp_path):
+    import orbax.checkpoint as ocp
+
+    sched = freezing.get("lp_ft", clf, probe_steps=2, ft_steps=4, probe_lr=1e-2, ft_lr=1e-3)
+    full, _ = run_schedule(clf, sched, batches(), weight_decay=0.01)
+    half, _ = run_schedule(clf, sched, batches(), until=4, weight_decay=0.01)  # mid fine-tune phase
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", half)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(tmp_path / "ckpt", abstract_state(clf, sched, 4, weight_decay=0.01))
+    assert sched.phase_at(int(restored.step)) == 1
+    resumed, hist = run_schedule(clf, sched, batches(4), state=restored, weight_decay=0.01)
+    assert [(h.start, h.end) for h in hist] == [(4, 6)]
+    assert _bitwise_equal(full.params, resumed.params) and _bitwise_equal(full.opt_state, resumed.opt_state)
+
+
+HEAD, BLOCK, POOLER, EMB = 99, 6789, 1056, 5344  # tiny BERT (+3-way head) parameter counts per part
+BUILTINS = {
+    "full": ({"steps": 1}, [HEAD + 2 * BLOCK + POOLER + EMB]),
+    "linear_probe": ({"steps": 1}, [HEAD]),
+    "lp_ft": ({"probe_steps": 1, "ft_steps": 1}, [HEAD, HEAD + 2 * BLOCK + POOLER + EMB]),
+    "gradual_unfreeze": ({"steps_per_stage": 1, "decay": 0.5},
+                         [HEAD, HEAD + BLOCK + POOLER, HEAD + 2 * BLOCK + POOLER, HEAD + 2 * BLOCK + POOLER + EMB]),
+    "chain_thaw": ({"steps_per_stage": 1}, [HEAD, EMB, BLOCK, BLOCK, HEAD + 2 * BLOCK + POOLER + EMB]),
+    "surgical": ({"block": 0, "steps": 1}, [HEAD + BLOCK]),
+    "bitfit": ({"steps": 1}, None),
+    "llrd": ({"steps": 1, "decay": 0.8}, [HEAD + 2 * BLOCK + POOLER + EMB]),
+    "keras_recipe": ({"head_steps": 1, "finetune_steps": 1, "top_n": 1}, [HEAD, HEAD + BLOCK + POOLER]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtin_schedules_run_with_expected_trainable_counts(clf, name):
+    kwargs, expected = BUILTINS[name]
+    sched = freezing.get(name, clf, **kwargs)
+    state, hist = run_schedule(clf, sched, batches())
+    assert int(state.step) == sched.total_steps() == len(hist)
+    if expected is None:  # bitfit: every bias plus the head's kernel
+        biases = sum(v.size for p, v in tree.flatten(clf.params).items() if p.endswith("bias"))
+        expected = [biases + clf.params["head"]["out"]["kernel"].size]
+    assert [h.trainable_params for h in hist] == expected
+    assert all(np.isfinite(h.metrics["loss"]) for h in hist)
+    assert FreezingSchedule.from_config(sched.to_config()) == sched
+
+
+def test_param_counts_table_is_right(clf):
+    flat = tree.flatten(clf.params)
+    size = lambda prefix: sum(v.size for p, v in flat.items() if p.startswith(prefix))
+    assert (size("head/"), size("backbone/encoder/layer_0/"), size("backbone/pooler/"),
+            size("backbone/embeddings/")) == (HEAD, BLOCK, POOLER, EMB)
+
+
+def test_lr_specs():
+    assert freezing.lr_schedule(0.1, 10) == 0.1
+    stlr = freezing.lr_schedule({"schedule": "slanted_triangular", "peak": 1.0, "cut_frac": 0.1, "ratio": 32}, 100)
+    assert float(stlr(0)) == pytest.approx(1 / 32) and float(stlr(10)) == pytest.approx(1.0)
+    assert float(stlr(100)) == pytest.approx(1 / 32)
+    cos = freezing.lr_schedule({"schedule": "cosine", "peak": 1.0, "warmup_steps": 5}, 50)
+    assert float(cos(5)) == pytest.approx(1.0) and float(cos(50)) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown LR schedule 'cosin'"):
+        freezing.lr_schedule({"schedule": "cosin", "peak": 1.0}, 10)
+    with pytest.raises(ValueError, match="bad arguments for LR schedule 'linear'"):
+        freezing.lr_schedule({"schedule": "linear", "peak": 1.0}, 10)
+
+
+def test_phase_local_schedule_continues_for_carried_groups(clf):
+    """A carried group's LR schedule restarts with its phase even though its optax count continues."""
+    spec = {"schedule": "linear", "init": 1.0, "end": 0.0}
+    sched = FreezingSchedule((Phase(4, rules=TOP1, learning_rate=0.1), Phase(10, rules=TOP1, learning_rate=spec)))
+    part = freezing.partition_for(sched, 1, clf, clf.params)
+    g = next(g for g in part.groups if g.age == 4)
+    assert float(g.lr(4)) == pytest.approx(1.0) and float(g.lr(9)) == pytest.approx(0.5)
+
+
+def test_bad_schedules_have_clear_errors(clf):
+    with pytest.raises(ValueError, match="length 0: every phase needs at least one step"):
+        run_schedule(clf, FreezingSchedule((Phase(0, rules="full"),)), batches())
+    with pytest.raises(ValueError, match=r"phase 0 .* match no rule"):
+        run_schedule(clf, FreezingSchedule((Phase(1, rules=[("^head/", "train")]),)), batches())
+    with pytest.raises(ValueError, match=r"phase 1 .* only matches parameters already claimed"):
+        bad = [(".*", "train"), ("^head/", None)]
+        run_schedule(clf, FreezingSchedule((Phase(1, rules="full"), Phase(1, rules=bad))), batches())
+    with pytest.raises(ValueError, match="unknown freezing schedule 'lpft'"):
+        freezing.get("lpft", clf)
+    with pytest.raises(ValueError, match="exactly one of steps / epochs"):
+        FreezingSchedule((Phase(steps=1, epochs=1),)).lengths()
+    with pytest.raises(ValueError, match="pass steps_per_epoch"):
+        FreezingSchedule((Phase(epochs=1),)).lengths()
+    with pytest.raises(ValueError, match=r"unknown phase field\(s\) \['stepz'\]"):
+        FreezingSchedule.from_config({"phases": [{"stepz": 3}]})
+    with pytest.raises(ValueError, match="at least one phase"):
+        FreezingSchedule(())
+
+
+def test_epochs_and_phase_lookup():
+    sched = FreezingSchedule((Phase(epochs=1), Phase(epochs=0.5), Phase(steps=3)))
+    assert sched.lengths(steps_per_epoch=10) == [10, 5, 3]
+    assert [sched.phase_at(s, 10) for s in (0, 9, 10, 14, 15, 17, 18)] == [0, 0, 1, 1, 2, 2, 3]

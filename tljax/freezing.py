@@ -1,0 +1,297 @@
+"""Freezing schedules: *when* parameters thaw, as data.
+
+A schedule is an ordered list of phases; each phase has a length (steps or epochs), a rule set (a name from
+`tljax.rules` with its arguments, or an explicit `(regex, rule)` list) and a learning rate (a float or an LR
+schedule spec). Built-ins cover the literature:
+
+    sched = freezing.get("lp_ft", loaded, probe_steps=500, ft_steps=2000, probe_lr=1e-3, ft_lr=1e-5)
+    sched = freezing.get("gradual_unfreeze", loaded, steps_per_stage=300, lr=1e-4, decay=1 / 2.6)  # ULMFiT
+    cfg = sched.to_config(); same = FreezingSchedule.from_config(cfg)   # sweeps enumerate configs
+
+At a phase boundary the partition is rebuilt (frozen parameters keep costing nothing) and the optimizer state
+carries over per parameter (`partition.carry_state`): groups trainable on both sides keep moments and counts,
+thawed groups start fresh, frozen ones drop their state. A parameter's "age" (its consecutive optimizer steps) is a
+pure function of the schedule and the step, so resuming needs nothing beyond the step counter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_collections
+import optax
+
+from tljax import partition, rules, tree
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase: its length, what trains (rule set) and at what learning rate."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    rules: str | Sequence = "full"  # a `tljax.rules` name, or an explicit (regex, rule) list
+    rule_args: Mapping[str, Any] = field(default_factory=dict)
+    learning_rate: float | Mapping[str, Any] = 1e-3  # float or LR spec, see `lr_schedule`
+    name: str = ""
+
+    def length(self, steps_per_epoch: int | None) -> int:
+        """Steps in this phase; epochs need `steps_per_epoch`."""
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"phase {self.name!r} must set exactly one of steps / epochs")
+        if self.epochs is not None:
+            if not steps_per_epoch:
+                raise ValueError(f"phase {self.name!r} is given in epochs: pass steps_per_epoch")
+            n = math.ceil(self.epochs * steps_per_epoch)
+        else:
+            n = int(self.steps)
+        if n <= 0:
+            raise ValueError(f"phase {self.name!r} has length {n}: every phase needs at least one step")
+        return n
+
+    def resolve_rules(self, loaded) -> list:
+        """The phase's explicit (regex, rule) list for this model."""
+        if isinstance(self.rules, str):
+            return rules.get(self.rules, loaded, **dict(self.rule_args))
+        if self.rule_args:
+            raise ValueError(f"phase {self.name!r}: rule_args only apply to a named rule set")
+        return [tuple(pair) for pair in self.rules]
+
+
+@dataclass(frozen=True)
+class FreezingSchedule:
+    """An ordered list of phases."""
+
+    phases: tuple[Phase, ...]
+    name: str = "custom"
+
+    def __post_init__(self):
+        if not self.phases:
+            raise ValueError("a freezing schedule needs at least one phase")
+
+    def lengths(self, steps_per_epoch: int | None = None) -> list[int]:
+        return [p.length(steps_per_epoch) for p in self.phases]
+
+    def starts(self, steps_per_epoch: int | None = None) -> list[int]:
+        """First global step of each phase."""
+        out, at = [], 0
+        for n in self.lengths(steps_per_epoch):
+            out.append(at)
+            at += n
+        return out
+
+    def total_steps(self, steps_per_epoch: int | None = None) -> int:
+        return sum(self.lengths(steps_per_epoch))
+
+    def phase_at(self, step: int, steps_per_epoch: int | None = None) -> int:
+        """Index of the phase that global `step` belongs to (len(phases) once the schedule is done)."""
+        return sum(1 for s in self.starts(steps_per_epoch)[1:] if step >= s) + (
+            step >= self.total_steps(steps_per_epoch)
+        )
+
+    def to_config(self) -> ml_collections.ConfigDict:
+        """Plain-data form for configs and sweeps (LRs must be floats or specs, not callables)."""
+        return ml_collections.ConfigDict({"name": self.name, "phases": [_phase_dict(p) for p in self.phases]})
+
+    @classmethod
+    def from_config(cls, cfg) -> FreezingSchedule:
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        unknown = sorted(set(cfg) - {"name", "phases"})
+        if unknown:
+            raise ValueError(f"unknown schedule config key(s) {unknown}; expected 'name' and 'phases'")
+        return cls(tuple(_phase_from(d) for d in cfg["phases"]), cfg.get("name", "custom"))
+
+
+def _phase_dict(p: Phase) -> dict:
+    out = dataclasses.asdict(p)
+    if not isinstance(p.rules, str):
+        out["rules"] = [(rx, _rule_data(r)) for rx, r in p.rules]
+    if callable(p.learning_rate):
+        raise ValueError(f"phase {p.name!r}: a callable learning rate cannot go into a config; use a spec dict")
+    out["rule_args"] = dict(p.rule_args)
+    return out
+
+
+def _rule_data(r):
+    rule = partition.as_rule(r)
+    return {k: v for k, v in dataclasses.asdict(rule).items() if v != getattr(partition.TRAIN, k)}
+
+
+def _phase_from(d: Mapping) -> Phase:
+    d = dict(d)
+    valid = {f.name for f in dataclasses.fields(Phase)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise ValueError(f"unknown phase field(s) {unknown}; valid fields: {sorted(valid)}")
+    if not isinstance(d.get("rules", "full"), str):
+        d["rules"] = tuple((rx, r) for rx, r in d["rules"])
+    if isinstance(d.get("learning_rate"), Mapping):
+        d["learning_rate"] = dict(d["learning_rate"])
+    return Phase(**d)
+
+
+def lr_schedule(spec: float | Mapping[str, Any], steps: int):
+    """A float, or an optax schedule over a phase's local steps from a spec dict:
+
+    {"schedule": "constant", "value": v} | {"schedule": "cosine", "peak": v, "warmup_steps": w, "end_value": e}
+    | {"schedule": "linear", "init": a, "end": b} | {"schedule": "slanted_triangular", "peak": v,
+    "cut_frac": 0.1, "ratio": 32} (ULMFiT: linear rise over cut_frac of the phase, then linear decay to peak/ratio).
+    """
+    if isinstance(spec, int | float):
+        return float(spec)
+    spec = dict(spec)
+    kind = spec.pop("schedule", None)
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"unknown LR schedule {kind!r}; choose one of {sorted(LR_SCHEDULES)}")
+    try:
+        return LR_SCHEDULES[kind](steps, **spec)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for LR schedule {kind!r}: {e}") from e
+
+
+def _slanted_triangular(steps, peak, cut_frac=0.1, ratio=32.0):
+    cut = max(1, int(steps * cut_frac))
+    up = optax.linear_schedule(peak / ratio, peak, cut)
+    down = optax.linear_schedule(peak, peak / ratio, max(1, steps - cut))
+    return optax.join_schedules([up, down], [cut])
+
+
+LR_SCHEDULES: dict[str, Callable] = {
+    "constant": lambda steps, value: optax.constant_schedule(value),
+    "cosine": lambda steps, peak, warmup_steps=0, end_value=0.0: optax.warmup_cosine_decay_schedule(
+        0.0 if warmup_steps else peak, peak, warmup_steps, steps, end_value
+    ),
+    "linear": lambda steps, init, end: optax.linear_schedule(init, end, steps),
+    "slanted_triangular": _slanted_triangular,
+}
+
+
+def trainable_paths(rule_list, params) -> set[str]:
+    """Paths that a rule list trains (no optax involved)."""
+    paths = list(tree.flatten(params))
+    owner = partition.assign(paths, rule_list)
+    return {p for p, o in zip(paths, owner, strict=True) if partition.as_rule(rule_list[o][1]).trainable}
+
+
+def ages_at_phase(schedule: FreezingSchedule, index: int, loaded, params, steps_per_epoch=None) -> dict[str, int]:
+    """Optimizer steps each parameter has taken without interruption when phase `index` begins."""
+    ages: dict[str, int] = {}
+    lengths = schedule.lengths(steps_per_epoch)
+    for j in range(index):
+        trained = trainable_paths(schedule.phases[j].resolve_rules(loaded), params)
+        ages = {p: ages.get(p, 0) + lengths[j] for p in trained}
+    return ages
+
+
+def partition_for(schedule: FreezingSchedule, index: int, loaded, params, *, steps_per_epoch=None, **build_kwargs):
+    """The `Partition` of phase `index`, grouped by age so optimizer state can carry over exactly."""
+    phase = schedule.phases[index]
+    steps = phase.length(steps_per_epoch)
+    return partition.build(
+        params,
+        phase.resolve_rules(loaded),
+        learning_rate=lr_schedule(phase.learning_rate, steps),
+        ages=ages_at_phase(schedule, index, loaded, params, steps_per_epoch),
+        **build_kwargs,
+    )
+
+
+def validate(schedule: FreezingSchedule, loaded, steps_per_epoch=None) -> None:
+    """Resolves every phase against the model now, so a bad phase fails before any training."""
+    schedule.lengths(steps_per_epoch)
+    for i, phase in enumerate(schedule.phases):
+        try:
+            trainable_paths(phase.resolve_rules(loaded), loaded.params)
+            lr_schedule(phase.learning_rate, phase.length(steps_per_epoch))
+        except ValueError as e:
+            raise ValueError(f"phase {i} ({phase.name or phase.rules!r}) of schedule {schedule.name!r}: {e}") from e
+
+
+# ---- built-in schedules -------------------------------------------------------------------------------------------
+
+
+def full(loaded, steps: int, lr=1e-4) -> FreezingSchedule:
+    return FreezingSchedule((Phase(steps, rules="full", learning_rate=lr, name="full"),), "full")
+
+
+def linear_probe(loaded, steps: int, lr=1e-3) -> FreezingSchedule:
+    return FreezingSchedule((Phase(steps, rules="linear_probe", learning_rate=lr, name="probe"),), "linear_probe")
+
+
+def lp_ft(loaded, probe_steps: int, ft_steps: int, probe_lr=1e-3, ft_lr=1e-5) -> FreezingSchedule:
+    """LP-FT (Kumar et al., 2022): fit the head on frozen features, then fine-tune everything at a small LR."""
+    return FreezingSchedule(
+        (
+            Phase(probe_steps, rules="linear_probe", learning_rate=probe_lr, name="probe"),
+            Phase(ft_steps, rules="full", learning_rate=ft_lr, name="finetune"),
+        ),
+        "lp_ft",
+    )
+
+
+def gradual_unfreeze(loaded, steps_per_stage: int, lr=1e-4, decay: float | None = None) -> FreezingSchedule:
+    """ULMFiT gradual unfreezing: head alone, then one more block per stage from the top, then everything.
+
+    `decay` (e.g. 1/2.6) turns on discriminative LRs: block i trains at `lr * decay ** (depth - layer_id)`.
+    """
+    n = loaded.family.num_layers(loaded.hf_config)
+    stages = [Phase(steps_per_stage, rules="linear_probe", learning_rate=lr, name="head")]
+    for k in range(1, n + 1):
+        stages.append(Phase(steps_per_stage, rules="top_k", rule_args={"k": k, "decay": decay}, learning_rate=lr,
+                            name=f"top_{k}"))
+    last = Phase(steps_per_stage, rules="llrd" if decay else "full", rule_args={"decay": decay} if decay else {},
+                 learning_rate=lr, name="all")
+    return FreezingSchedule(tuple(stages + [last]), "gradual_unfreeze")
+
+
+def chain_thaw(loaded, steps_per_stage: int, lr=1e-4, final_steps: int | None = None) -> FreezingSchedule:
+    """Chain-thaw (Felbo et al., 2017): the head alone, then each layer alone from the bottom, then all."""
+    n = loaded.family.num_layers(loaded.hf_config)
+    groups = ["head", "stem", *range(n)]
+    stages = [Phase(steps_per_stage, rules="single", rule_args={"group": g}, learning_rate=lr, name=f"only_{g}")
+              for g in groups]
+    stages.append(Phase(final_steps or steps_per_stage, rules="full", learning_rate=lr, name="all"))
+    return FreezingSchedule(tuple(stages), "chain_thaw")
+
+
+def surgical(loaded, block: int, steps: int, lr=1e-4) -> FreezingSchedule:
+    phase = Phase(steps, rules="surgical", rule_args={"block": block}, learning_rate=lr, name=f"block_{block}")
+    return FreezingSchedule((phase,), "surgical")
+
+
+def bitfit(loaded, steps: int, lr=1e-3) -> FreezingSchedule:
+    return FreezingSchedule((Phase(steps, rules="bitfit", learning_rate=lr, name="bitfit"),), "bitfit")
+
+
+def llrd(loaded, steps: int, decay: float = 0.65, lr=1e-4) -> FreezingSchedule:
+    phase = Phase(steps, rules="llrd", rule_args={"decay": decay}, learning_rate=lr, name="llrd")
+    return FreezingSchedule((phase,), "llrd")
+
+
+def keras_recipe(loaded, head_steps: int, finetune_steps: int, lr=1e-3, top_n: int = 2, lr_div=100.0):
+    """The classic Keras transfer recipe: train a new head on a frozen base, then thaw the top N blocks and
+    continue at `lr / lr_div`."""
+    return FreezingSchedule(
+        (
+            Phase(head_steps, rules="linear_probe", learning_rate=lr, name="head"),
+            Phase(finetune_steps, rules="top_k", rule_args={"k": top_n}, learning_rate=lr / lr_div, name="top_n"),
+        ),
+        "keras_recipe",
+    )
+
+
+SCHEDULES: dict[str, Callable[..., FreezingSchedule]] = {
+    "full": full, "linear_probe": linear_probe, "lp_ft": lp_ft, "gradual_unfreeze": gradual_unfreeze,
+    "chain_thaw": chain_thaw, "surgical": surgical, "bitfit": bitfit, "llrd": llrd, "keras_recipe": keras_recipe,
+}  # fmt: skip
+
+
+def get(name: str, loaded, **kwargs) -> FreezingSchedule:
+    """A built-in schedule by name: `get("lp_ft", loaded, probe_steps=100, ft_steps=400)`."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown freezing schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](loaded, **kwargs)
