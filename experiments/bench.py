@@ -186,7 +186,55 @@ def bench_freeze(quick: bool) -> list[dict]:
     return out
 
 
-BENCHMARKS = {"freeze": bench_freeze}
+def bench_schedule(quick: bool) -> list[dict]:
+    """Gradual unfreezing (ULMFiT) on MiniLM: compile and step time per phase, cold and with the persistent
+    compilation cache warm (the second run of the same ablation)."""
+    from tljax import freezing
+    from tljax.train import enable_compilation_cache, run_schedule
+
+    folder, batch_size, seq = (_tiny_bert_dir(), 8, 32) if quick else (str(minilm_path()), 32, 128)
+    steps = 2 if quick else 3
+    enable_compilation_cache(tempfile.mkdtemp(prefix="tljax-cache-"))
+    loaded = tm.load_pretrained(folder, num_classes=4, pooling="mean")
+    sched = freezing.get("gradual_unfreeze", loaded, steps_per_stage=steps, lr=1e-4, decay=1 / 2.6)
+    batch = _batch(batch_size, seq, loaded.hf_config.vocab_size, 4)
+    common = {
+        "model": "tiny-bert" if quick else "all-MiniLM-L6-v2",
+        "batch": batch_size,
+        "seq": seq,
+        "device": jax.devices()[0].platform,
+    }
+    runs = [run_schedule(loaded, sched, iter(lambda: batch, None), weight_decay=0.01)[1] for _ in range(2)]
+    out = []
+    for cold, warm in zip(*runs, strict=True):
+        out.append(
+            emit(
+                f"schedule/gradual_unfreeze/{cold.name}",
+                "step_ms",
+                1e3 * cold.step_seconds,
+                phase=cold.index,
+                trainable_params=cold.trainable_params,
+                compile_s=cold.compile_seconds,
+                compile_s_cached=warm.compile_seconds,
+                **common,
+            )
+        )
+    first, last = runs[0][0], runs[0][-1]
+    out.append(
+        emit("schedule/gradual_unfreeze", "last_over_first_step", last.step_seconds / first.step_seconds, **common)
+    )
+    out.append(
+        emit(
+            "schedule/gradual_unfreeze",
+            "compile_cached_over_cold",
+            sum(r.compile_seconds for r in runs[1]) / sum(r.compile_seconds for r in runs[0]),
+            **common,
+        )
+    )
+    return out
+
+
+BENCHMARKS = {"freeze": bench_freeze, "schedule": bench_schedule}
 
 
 def main(argv=None) -> int:

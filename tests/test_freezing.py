@@ -70,8 +70,9 @@ def test_thawing_a_group_keeps_the_carried_group_exact(clf):
 
 
 def test_carry_state_moments_counts_and_fresh_groups(clf):
-    sched = FreezingSchedule((Phase(3, rules=TOP1, learning_rate=1e-2),
-                              Phase(1, rules=[("layer_0/", "train")] + TOP1, learning_rate=1e-2)))
+    sched = FreezingSchedule(
+        (Phase(3, rules=TOP1, learning_rate=1e-2), Phase(1, rules=[("layer_0/", "train")] + TOP1, learning_rate=1e-2))
+    )
     state, _ = run_schedule(clf, sched, batches(), until=3)
     old = freezing.partition_for(sched, 0, clf, clf.params)
     new = freezing.partition_for(sched, 1, clf, clf.params)
@@ -115,8 +116,10 @@ BUILTINS = {
     "full": ({"steps": 1}, [HEAD + 2 * BLOCK + POOLER + EMB]),
     "linear_probe": ({"steps": 1}, [HEAD]),
     "lp_ft": ({"probe_steps": 1, "ft_steps": 1}, [HEAD, HEAD + 2 * BLOCK + POOLER + EMB]),
-    "gradual_unfreeze": ({"steps_per_stage": 1, "decay": 0.5},
-                         [HEAD, HEAD + BLOCK + POOLER, HEAD + 2 * BLOCK + POOLER, HEAD + 2 * BLOCK + POOLER + EMB]),
+    "gradual_unfreeze": (
+        {"steps_per_stage": 1, "decay": 0.5},
+        [HEAD, HEAD + BLOCK + POOLER, HEAD + 2 * BLOCK + POOLER, HEAD + 2 * BLOCK + POOLER + EMB],
+    ),
     "chain_thaw": ({"steps_per_stage": 1}, [HEAD, EMB, BLOCK, BLOCK, HEAD + 2 * BLOCK + POOLER + EMB]),
     "surgical": ({"block": 0, "steps": 1}, [HEAD + BLOCK]),
     "bitfit": ({"steps": 1}, None),
@@ -142,8 +145,12 @@ def test_builtin_schedules_run_with_expected_trainable_counts(clf, name):
 def test_param_counts_table_is_right(clf):
     flat = tree.flatten(clf.params)
     size = lambda prefix: sum(v.size for p, v in flat.items() if p.startswith(prefix))
-    assert (size("head/"), size("backbone/encoder/layer_0/"), size("backbone/pooler/"),
-            size("backbone/embeddings/")) == (HEAD, BLOCK, POOLER, EMB)
+    assert (
+        size("head/"),
+        size("backbone/encoder/layer_0/"),
+        size("backbone/pooler/"),
+        size("backbone/embeddings/"),
+    ) == (HEAD, BLOCK, POOLER, EMB)
 
 
 def test_lr_specs():

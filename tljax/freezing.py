@@ -241,10 +241,16 @@ def gradual_unfreeze(loaded, steps_per_stage: int, lr=1e-4, decay: float | None 
     n = loaded.family.num_layers(loaded.hf_config)
     stages = [Phase(steps_per_stage, rules="linear_probe", learning_rate=lr, name="head")]
     for k in range(1, n + 1):
-        stages.append(Phase(steps_per_stage, rules="top_k", rule_args={"k": k, "decay": decay}, learning_rate=lr,
-                            name=f"top_{k}"))
-    last = Phase(steps_per_stage, rules="llrd" if decay else "full", rule_args={"decay": decay} if decay else {},
-                 learning_rate=lr, name="all")
+        stages.append(
+            Phase(steps_per_stage, rules="top_k", rule_args={"k": k, "decay": decay}, learning_rate=lr, name=f"top_{k}")
+        )
+    last = Phase(
+        steps_per_stage,
+        rules="llrd" if decay else "full",
+        rule_args={"decay": decay} if decay else {},
+        learning_rate=lr,
+        name="all",
+    )
     return FreezingSchedule(tuple(stages + [last]), "gradual_unfreeze")
 
 
@@ -252,8 +258,10 @@ def chain_thaw(loaded, steps_per_stage: int, lr=1e-4, final_steps: int | None = 
     """Chain-thaw (Felbo et al., 2017): the head alone, then each layer alone from the bottom, then all."""
     n = loaded.family.num_layers(loaded.hf_config)
     groups = ["head", "stem", *range(n)]
-    stages = [Phase(steps_per_stage, rules="single", rule_args={"group": g}, learning_rate=lr, name=f"only_{g}")
-              for g in groups]
+    stages = [
+        Phase(steps_per_stage, rules="single", rule_args={"group": g}, learning_rate=lr, name=f"only_{g}")
+        for g in groups
+    ]
     stages.append(Phase(final_steps or steps_per_stage, rules="full", learning_rate=lr, name="all"))
     return FreezingSchedule(tuple(stages), "chain_thaw")
 

@@ -289,8 +289,20 @@ def _groups(flat, owner, rules, learning_rate, weight_decay, no_decay, ages) -> 
             label = f"g{i}" + ("-nd" if rule.trainable and wd and not decay else "") + (f"@{age}" if age else "")
             sub = {p: flat[p] for p in ps}
             lr = _group_lr(rule, learning_rate, age)
-            groups.append(Group(label, pattern, rule, decay, tuple(ps), tree.count(sub), tree.nbytes(sub), lr,
-                                wd if decay else 0.0, age))
+            groups.append(
+                Group(
+                    label,
+                    pattern,
+                    rule,
+                    decay,
+                    tuple(ps),
+                    tree.count(sub),
+                    tree.nbytes(sub),
+                    lr,
+                    wd if decay else 0.0,
+                    age,
+                )
+            )
     return groups
 
 
@@ -340,8 +352,10 @@ def carry_state(old_state, old: Partition, new: Partition, params):
             continue
         source = (old_label[param if param else group.paths[0]], where, param)
         if source not in old_index:
-            raise ValueError(f"cannot carry optimizer state of {param or label!r} from the previous phase: its state "
-                             "structure differs (phases must share the optimizer to carry state over)")
+            raise ValueError(
+                f"cannot carry optimizer state of {param or label!r} from the previous phase: its state "
+                "structure differs (phases must share the optimizer to carry state over)"
+            )
         out.append(old_index[source])
     return jax.tree_util.tree_unflatten(treedef, out)
 

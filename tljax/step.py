@@ -27,14 +27,20 @@ class TrainState:
     params: Any
     opt_state: Any
     collections: Any
-    rng: jax.Array
+    rng: jax.Array  # raw uint32 key data (checkpointable); wrapped with `jax.random.wrap_key_data` when used
 
 
 def init_state(
     params, tx: optax.GradientTransformation, collections: Mapping | None = None, seed: int = 0
 ) -> TrainState:
     """A fresh `TrainState` at step 0 (optimizer moments only for trainable groups)."""
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), dict(collections or {}), jax.random.key(seed))
+    return TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        tx.init(params),
+        dict(collections or {}),
+        jax.random.key_data(jax.random.key(seed)),
+    )
 
 
 def cross_entropy(logits, labels) -> jax.Array:
@@ -64,26 +70,71 @@ def make_train_step(
     model: nn.Module,
     partition: Partition,
     loss_fn: Callable[[Mapping, Mapping], tuple[jax.Array, dict]] = classification_loss,
+    *,
+    accumulate: int = 1,
+    axis_name: str | None = None,
 ):
-    """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it with `donate_argnums=0`."""
-    tx = partition.tx
+    """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it with `donate_argnums=0`.
 
-    def loss_and_updates(params, state: TrainState, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        variables = {"params": partition.stop_gradient(params), **state.collections}
-        mutable = list(state.collections) or False
-        outputs = model.apply(variables, **model_inputs(batch), train=True, rngs={"dropout": rng}, mutable=mutable)
-        outputs, new_collections = outputs if mutable else (outputs, {})
-        loss, metrics = loss_fn(outputs, batch)
-        return loss, (metrics, dict(new_collections))
+    Args:
+      accumulate: split each batch into this many micro-batches and average their gradients (one update).
+      axis_name: under `pmap`, the device axis: gradients, metrics and BatchNorm stats are averaged over it and
+        each device draws its own dropout masks.
+    """
+
+    def grads_of(params, collections, batch, rng):
+        def loss(p):
+            variables = {"params": partition.stop_gradient(p), **collections}
+            mutable = list(collections) or False
+            out = model.apply(variables, **model_inputs(batch), train=True, rngs={"dropout": rng}, mutable=mutable)
+            out, new_collections = out if mutable else (out, {})
+            value, metrics = loss_fn(out, batch)
+            return value, (metrics, dict(new_collections) or collections)
+
+        return jax.grad(loss, has_aux=True)(params)
 
     def train_step(state: TrainState, batch):
-        grads, (metrics, collections) = jax.grad(loss_and_updates, has_aux=True)(state.params, state, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        if accumulate == 1:
+            grads, (metrics, collections) = grads_of(state.params, state.collections, batch, rng)
+        else:
+            grads, (metrics, collections) = _accumulated(grads_of, state, batch, rng, accumulate)
+        if axis_name is not None:
+            grads, metrics, collections = jax.lax.pmean((grads, metrics, collections), axis_name)
+        updates, opt_state = partition.tx.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates, partition.trainable_mask)
-        new = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, collections=collections or state.collections
-        )
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections)
         return new, metrics
 
     return train_step
+
+
+def micro_batches(batch: Mapping, k: int) -> dict:
+    """(B, ...) leaves -> (k, B/k, ...) with micro-batch j = rows j, j+k, ...: strided, so a batch sharded over
+    devices stays local to each device."""
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by accumulate={k}")
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, dict(batch))
+
+
+def _accumulated(grads_of, state: TrainState, batch, rng, k: int):
+    """Mean gradients and metrics over `k` micro-batches (BatchNorm stats thread through them in order)."""
+
+    def body(carry, xs):
+        total, collections = carry
+        micro, i = xs
+        grads, (metrics, collections) = grads_of(state.params, collections, micro, jax.random.fold_in(rng, i))
+        total = jax.tree.map(lambda a, g: a + g / k, total, grads)
+        return (total, collections), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, collections), metrics = jax.lax.scan(
+        body, (zeros, state.collections), (micro_batches(batch, k), jnp.arange(k))
+    )
+    return grads, (jax.tree.map(lambda m: m.mean(0), metrics), collections)

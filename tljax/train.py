@@ -49,8 +49,9 @@ class PhaseRecord:
 
 def state_for_phase(loaded, schedule, index, *, steps_per_epoch=None, **build_kwargs) -> partition.Partition:
     """Partition of phase `index` (shorthand for `freezing.partition_for` with the loaded params)."""
-    return freezing.partition_for(schedule, index, loaded, loaded.params, steps_per_epoch=steps_per_epoch,
-                                  **build_kwargs)
+    return freezing.partition_for(
+        schedule, index, loaded, loaded.params, steps_per_epoch=steps_per_epoch, **build_kwargs
+    )
 
 
 def abstract_state(loaded, schedule, step: int, *, steps_per_epoch=None, **build_kwargs) -> TrainState:
@@ -90,7 +91,7 @@ def run_schedule(
     index, previous, history = schedule.phase_at(step, steps_per_epoch), None, []
     while step < end and index < len(schedule.phases):
         part = state_for_phase(loaded, schedule, index, steps_per_epoch=steps_per_epoch, **build_kwargs)
-        state = _enter(state, previous, part, loaded, seed)
+        state = enter_phase(state, previous, part, loaded, seed)
         stop = min(starts[index] + lengths[index], end)
         record, state = _run_phase(loaded, schedule, index, part, state, batches, stop, loss_fn, on_step)
         history.append(record)
@@ -98,7 +99,8 @@ def run_schedule(
     return state, history
 
 
-def _enter(state, previous, part, loaded, seed) -> TrainState:
+def enter_phase(state, previous, part, loaded, seed: int = 0) -> TrainState:
+    """The state to start a phase with: fresh, resumed as is, or carried over from the previous partition."""
     if state is None:  # the step donates its state: copy, so `loaded` stays usable (notebooks, ablation loops)
         params, collections = jax.tree.map(jnp.copy, (loaded.params, loaded.state))
         return init_state(params, part.tx, collections, seed=seed)
@@ -114,8 +116,15 @@ def _run_phase(loaded, schedule, index, part, state, batches, stop, loss_fn, on_
     t0 = time.perf_counter()
     step_fn = jax.jit(make_train_step(loaded.model, part, loss_fn), donate_argnums=0).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    log.info("phase %d (%s): steps %d-%d, %s trainable, compiled in %.2fs", index, phase.name, start, stop,
-             f"{part.count(True):,}", compile_s)
+    log.info(
+        "phase %d (%s): steps %d-%d, %s trainable, compiled in %.2fs",
+        index,
+        phase.name,
+        start,
+        stop,
+        f"{part.count(True):,}",
+        compile_s,
+    )
     t0, metrics = time.perf_counter(), {}
     for s in range(start, stop):
         if s > start:

@@ -1,0 +1,97 @@
+"""Device layouts: a `Mesh` with one data axis, data-parallel or FSDP shardings, process-local batches, pmap.
+
+Modes (`EngineConfig.parallel`):
+  "data"  batch sharded over the `data` axis, params and optimizer state replicated (the default);
+  "fsdp"  as "data", plus every large array of params and optimizer state sharded over the `data` axis on its
+          largest divisible dimension (XLA all-gathers weights per use); for models that do not fit replicated;
+  "pmap"  `jax.pmap` over local devices with `lax.pmean` of gradients, for users who ask for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA = "data"
+MODES = ("data", "fsdp", "pmap")
+FSDP_MIN_SIZE = 2**12  # arrays smaller than this stay replicated: sharding them costs more than it saves
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}; choose one of {MODES}")
+    return mode
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all (global) devices with the axis `data`."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), (DATA,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int, min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+    """Shards the largest dimension divisible by `n` (arrays under `min_size` elements stay replicated)."""
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+        if shape[d] % n == 0:
+            return PartitionSpec(*[DATA if i == d else None for i in range(len(shape))])
+    return PartitionSpec()
+
+
+def state_shardings(abstract_state, mesh: Mesh, mode: str, fsdp_min_size: int = FSDP_MIN_SIZE):
+    """Shardings for every leaf of a (train) state: replicated, or FSDP by shape (moments follow their params)."""
+    n = mesh.shape[DATA]
+    spec = (lambda x: fsdp_spec(np.shape(x), n, fsdp_min_size)) if mode == "fsdp" else (lambda x: PartitionSpec())
+    return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local: Mapping, mesh: Mesh) -> dict:
+    """This process's rows of the batch -> global arrays sharded over `data` (each process loads its shard)."""
+    sharding = batch_sharding(mesh)
+    n_proc = jax.process_count()
+
+    def to_global(x):
+        x = np.asarray(x)
+        if x.shape[0] * n_proc % mesh.shape[DATA]:
+            raise ValueError(f"global batch {x.shape[0] * n_proc} is not divisible by {mesh.shape[DATA]} devices")
+        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n_proc, *x.shape[1:]))
+
+    return {k: to_global(v) for k, v in local.items()}
+
+
+def pmap_batch(local: Mapping) -> dict:
+    """(B, ...) -> (local devices, B / devices, ...) for `jax.pmap`."""
+    n = jax.local_device_count()
+
+    def split(x):
+        x = np.asarray(x)
+        if x.shape[0] % n:
+            raise ValueError(f"local batch {x.shape[0]} is not divisible by {n} local devices (pmap)")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return {k: split(v) for k, v in local.items()}
+
+
+def replicate(tree):
+    """Copies a pytree onto every local device (leading device axis), for pmap."""
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("replica",)), PartitionSpec("replica"))
+    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+
+def unreplicate(tree):
+    """The first device's copy of a pmap-replicated pytree."""
+    return jax.tree.map(lambda x: x[0], tree)
