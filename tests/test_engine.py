@@ -1,0 +1,198 @@
+"""The training engine in one process on 8 fake CPU devices: layouts agree, accumulation, resharded resume,
+checkpoint policy, eval metrics, logs, determinism, mixed precision and config errors."""
+
+import itertools
+import json
+
+import jax
+import numpy as np
+import pytest
+from engine_driver import global_batch, make_model
+
+import tljax.models as tm
+from tljax import engine, freezing, parallel, tree
+from tljax.checkpoints import CheckpointConfig, Checkpoints
+from tljax.engine import EngineConfig
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine_model")
+    make_model(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return tm.load_pretrained(model_dir, num_classes=3, pooling="mean")
+
+
+def data(start):
+    for step in itertools.count(start):
+        yield global_batch(step)
+
+
+def eval_data():
+    batch = global_batch(1000)
+    batch["mask"] = np.r_[np.ones(12), np.zeros(4)].astype(np.float32)  # the last 4 rows are padding
+    return [batch, global_batch(1001)]
+
+
+def sched(loaded, steps=6):
+    return freezing.get("lp_ft", loaded, probe_steps=steps // 2, ft_steps=steps - steps // 2, probe_lr=1e-2, ft_lr=1e-3)
+
+
+def fit(loaded, tmp_path, name, steps=6, evaluate=False, **kw):
+    cfg = {"workdir": str(tmp_path / name), "progress": False, "log_every": 1, **kw}
+    return engine.fit(
+        loaded, sched(loaded, steps), data, EngineConfig.from_config(cfg), eval_data=eval_data if evaluate else None
+    )
+
+
+def losses(tmp_path, name):
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def assert_close(a, b, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def single(loaded, tmp_path_factory):
+    path = tmp_path_factory.mktemp("single")
+    return engine.fit(
+        loaded, sched(loaded), data, EngineConfig(str(path / "run"), devices=1, progress=False, log_every=1)
+    ), path
+
+
+@pytest.mark.parametrize("mode,kw", [("data", {}), ("fsdp", {"fsdp_min_size": 0}), ("pmap", {})])
+def test_eight_devices_match_one(loaded, single, tmp_path, mode, kw):
+    ref, ref_path = single
+    result = fit(loaded, tmp_path, mode, parallel=mode, **kw)
+    assert result.status == "completed" and int(result.state.step) == 6
+    assert_close(result.state.params, ref.state.params)
+    np.testing.assert_allclose(losses(tmp_path, mode), losses(ref_path, "run"), atol=1e-5)
+
+
+def test_fsdp_really_shards(loaded):
+    mesh = parallel.make_mesh()
+    specs = tree.flatten(parallel.state_shardings(loaded.params, mesh, "fsdp", fsdp_min_size=0))
+    sharded = [p for p, s in specs.items() if "data" in tuple(s.spec)]
+    assert "backbone/encoder/layer_0/mlp/fc1/kernel" in sharded and len(sharded) > 20
+
+
+def test_gradient_accumulation_matches_full_batch(loaded, single, tmp_path):
+    ref, _ = single
+    result = fit(loaded, tmp_path, "accum", accumulate=4, devices=1)
+    assert_close(result.state.params, ref.state.params)
+
+
+def test_resume_on_a_different_device_count(loaded, single, tmp_path):
+    ref, _ = single
+    cfg = {"checkpoint": {"every": 2}}
+    first = engine.fit(
+        loaded,
+        sched(loaded),
+        _stop_after(4),
+        EngineConfig.from_config({"workdir": str(tmp_path / "r"), "progress": False, **cfg}),
+    )
+    assert first.status == "preempted" and int(first.state.step) == 4
+    resumed = fit(loaded, tmp_path, "r", devices=1, **cfg)  # 8 devices wrote it, 1 device reads it
+    assert int(resumed.state.step) == 6 and resumed.history[0].start == 4
+    assert_close(resumed.state.params, ref.state.params)
+
+
+def _stop_after(n):
+    """A data source that raises SIGTERM's flag after n batches, like a preemption notice."""
+    import os
+    import signal
+
+    def source(start):
+        for step in itertools.count(start):
+            if step == n - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield global_batch(step)
+
+    return source
+
+
+def test_checkpoint_policy_keeps_latest_and_best(loaded, tmp_path):
+    result = fit(
+        loaded,
+        tmp_path,
+        "best",
+        steps=8,
+        evaluate=True,
+        eval_every=2,
+        devices=1,
+        checkpoint={"every": 2, "keep": 1, "best_metric": "loss", "best_mode": "min"},
+    )
+    rows = [json.loads(x) for x in (tmp_path / "best" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["loss"] for r in rows if r["split"] == "eval"}
+    best = min(evals, key=evals.get)
+    ckpts = Checkpoints(tmp_path / "best" / "checkpoints", CheckpointConfig(best_metric="loss", best_mode="min"))
+    assert set(ckpts.all_steps()) == {best, 8} and ckpts.best_step() == best
+    assert result.eval["loss"] == pytest.approx(evals[8])
+    ckpts.close()
+
+
+def test_eval_metrics_weighted_by_mask(loaded, single):
+    ref, _ = single
+    params = ref.state.params
+    logits, labels = [], []
+    for b in eval_data():
+        keep = b.get("mask", np.ones(16)).astype(bool)
+        out = loaded.model.apply({"params": params}, input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        logits.append(np.asarray(out["logits"])[keep])
+        labels.append(b["labels"][keep])
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    got = engine.evaluate(
+        jax.jit(engine.make_eval_step(loaded.model)), params, {}, eval_data(), engine._Placement("data", None)
+    )
+    assert got["accuracy"] == pytest.approx((logits.argmax(-1) == labels).mean())
+    assert got["loss"] == pytest.approx(-logp[np.arange(len(labels)), labels].mean(), rel=1e-5)
+    assert got["top3_accuracy"] == 1.0  # 3 classes: the label is always in the top 3
+
+
+def test_logs_jsonl_and_tensorboard(single):
+    _, path = single
+    rows = [json.loads(line) for line in (path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "accuracy", "examples_per_second"} <= set(rows[0])
+    assert list((path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_same_seed_same_result(loaded, single, tmp_path):
+    ref, _ = single
+    again = fit(loaded, tmp_path, "again", devices=1)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(ref.state.params), jax.tree.leaves(again.state.params), strict=True)
+    )
+
+
+def test_bf16_compute_fp32_master(model_dir, tmp_path, single):
+    ref, ref_path = single
+    half = tm.load_pretrained(model_dir, num_classes=3, pooling="mean", dtype="bfloat16", param_dtype="float32")
+    result = fit(half, tmp_path, "bf16", devices=1)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(result.state.params))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(result.state.opt_state) if x.dtype.kind == "f")
+    np.testing.assert_allclose(losses(tmp_path, "bf16"), losses(ref_path, "run"), atol=0.05)
+
+
+def test_config_errors(loaded, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown engine config key\(s\) \['lr'\]"):
+        EngineConfig.from_config({"workdir": "x", "lr": 1})
+    with pytest.raises(ValueError, match="unknown parallel mode 'ddp'"):
+        fit(loaded, tmp_path, "bad", parallel="ddp")
+    with pytest.raises(ValueError, match="devices=9 but 8 are available"):
+        fit(loaded, tmp_path, "bad2", devices=9)
+    with pytest.raises(ValueError, match="not divisible by accumulate=3"):
+        fit(loaded, tmp_path, "bad3", accumulate=3, devices=1)
