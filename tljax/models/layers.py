@@ -142,3 +142,28 @@ class Encoder(nn.Module):
 def padding_mask(attention_mask):
     """(batch, kv_len) 0/1 mask -> boolean (batch, 1, 1, kv_len) for `jax.nn.dot_product_attention`."""
     return attention_mask.astype(bool)[:, None, None, :]
+
+
+# The layer structure shared by BERT and ViT (families assign these as their contract functions).
+
+
+def num_hidden_layers(hf_config) -> int:
+    return hf_config.num_hidden_layers
+
+
+def hidden_size(hf_config) -> int:
+    return hf_config.hidden_size
+
+
+def encoder_layer_id(path: str, n_layers: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: embeddings 0, `encoder/layer_i` i+1, above n_layers+1."""
+    if path.startswith("embeddings/"):
+        return 0
+    if path.startswith("encoder/layer_"):
+        return int(path.split("/")[1].removeprefix("layer_")) + 1
+    return n_layers + 1
+
+
+def encoder_block_regex(i: int) -> str:
+    """Regex for every parameter of transformer block i."""
+    return rf"^encoder/layer_{i}/"

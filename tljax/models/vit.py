@@ -293,26 +293,8 @@ def _model_grid(hf_config) -> Pair:
     return h // ph, w // pw
 
 
-def num_layers(hf_config) -> int:
-    return hf_config.num_hidden_layers
-
-
-def feature_dim(hf_config) -> int:
-    return hf_config.hidden_size
-
-
-def layer_id(path: str, n_layers: int) -> int:
-    """Depth of a parameter for layer-wise LR decay: embeddings 0, `encoder/layer_i` i+1, above n_layers+1."""
-    if path.startswith("embeddings/"):
-        return 0
-    if path.startswith("encoder/layer_"):
-        return int(path.split("/")[1].removeprefix("layer_")) + 1
-    return n_layers + 1
-
-
-def block_regex(i: int) -> str:
-    """Regex for every parameter of transformer block i."""
-    return rf"^encoder/layer_{i}/"
+num_layers, feature_dim = layers.num_hidden_layers, layers.hidden_size
+layer_id, block_regex = layers.encoder_layer_id, layers.encoder_block_regex
 
 
 def key_map(hf_config) -> KeyMap:
