@@ -75,6 +75,21 @@ def _batch(batch: int, seq: int, vocab: int, classes: int) -> dict:
     }
 
 
+def _setup(quick: bool):
+    """The benchmark model (real MiniLM-L6, batch 32 x 128; tiny random BERT with --quick), a batch, and the
+    fields every JSON line carries."""
+    folder, batch_size, seq = (_tiny_bert_dir(), 8, 32) if quick else (str(minilm_path()), 32, 128)
+    loaded = tm.load_pretrained(folder, num_classes=4, pooling="mean")
+    batch = _batch(batch_size, seq, loaded.hf_config.vocab_size, 4)
+    common = {
+        "model": "tiny-bert" if quick else "all-MiniLM-L6-v2",
+        "batch": batch_size,
+        "seq": seq,
+        "device": jax.devices()[0].platform,
+    }
+    return loaded, batch, common
+
+
 def _naive(rule_list):
     """The same partition done the naive way: frozen groups become Adam with learning rate 0."""
     return [(rx, P.train(lr=0.0, weight_decay=0.0) if not P.as_rule(r).trainable else r) for rx, r in rule_list]
@@ -113,17 +128,9 @@ def _measure_forward(loaded, batch, reps) -> tuple[float, float]:
 
 
 def bench_freeze(quick: bool) -> list[dict]:
-    folder, batch_size, seq = (_tiny_bert_dir(), 8, 32) if quick else (str(minilm_path()), 32, 128)
     reps = 3 if quick else 5
-    loaded = tm.load_pretrained(folder, num_classes=4, pooling="mean")
+    loaded, batch, common = _setup(quick)
     n = loaded.family.num_layers(loaded.hf_config)
-    batch = _batch(batch_size, seq, loaded.hf_config.vocab_size, 4)
-    common = {
-        "model": "tiny-bert" if quick else "all-MiniLM-L6-v2",
-        "batch": batch_size,
-        "seq": seq,
-        "device": jax.devices()[0].platform,
-    }
     fwd_s, fwd_flops = _measure_forward(loaded, batch, reps)
     out = [emit("freeze/forward", "step_ms", 1e3 * fwd_s, flops=fwd_flops, **common)]
     partitions = {
@@ -192,18 +199,10 @@ def bench_schedule(quick: bool) -> list[dict]:
     from tljax import freezing
     from tljax.train import enable_compilation_cache, run_schedule
 
-    folder, batch_size, seq = (_tiny_bert_dir(), 8, 32) if quick else (str(minilm_path()), 32, 128)
     steps = 2 if quick else 3
     enable_compilation_cache(tempfile.mkdtemp(prefix="tljax-cache-"))
-    loaded = tm.load_pretrained(folder, num_classes=4, pooling="mean")
+    loaded, batch, common = _setup(quick)
     sched = freezing.get("gradual_unfreeze", loaded, steps_per_stage=steps, lr=1e-4, decay=1 / 2.6)
-    batch = _batch(batch_size, seq, loaded.hf_config.vocab_size, 4)
-    common = {
-        "model": "tiny-bert" if quick else "all-MiniLM-L6-v2",
-        "batch": batch_size,
-        "seq": seq,
-        "device": jax.devices()[0].platform,
-    }
     runs = [run_schedule(loaded, sched, iter(lambda: batch, None), weight_decay=0.01)[1] for _ in range(2)]
     out = []
     for cold, warm in zip(*runs, strict=True):
