@@ -111,6 +111,22 @@ def test_resume_mid_schedule_equals_no_interruption(clf, tmp_path):
     assert _bitwise_equal(full.params, resumed.params) and _bitwise_equal(full.opt_state, resumed.opt_state)
 
 
+def test_resume_exactly_at_a_phase_boundary(clf, tmp_path):
+    """Regression: a state saved at the end of a phase holds that phase's optimizer layout; resuming it used to
+    build the next phase's restore target (tree mismatch) and skip the carry-over."""
+    import orbax.checkpoint as ocp
+
+    sched = freezing.get("lp_ft", clf, probe_steps=2, ft_steps=3, probe_lr=1e-2, ft_lr=1e-3)
+    full, _ = run_schedule(clf, sched, batches(), weight_decay=0.01)
+    half, _ = run_schedule(clf, sched, batches(), until=2, weight_decay=0.01)  # the probe phase's end
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", half)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(tmp_path / "ckpt", abstract_state(clf, sched, 2, weight_decay=0.01))
+    resumed, _ = run_schedule(clf, sched, batches(2), state=restored, weight_decay=0.01)
+    assert _bitwise_equal(full.params, resumed.params) and _same_state(full.opt_state, resumed.opt_state, full.params)
+
+
 HEAD, BLOCK, POOLER, EMB = 99, 6789, 1056, 5344  # tiny BERT (+3-way head) parameter counts per part
 BUILTINS = {
     "full": ({"steps": 1}, [HEAD + 2 * BLOCK + POOLER + EMB]),

@@ -32,7 +32,7 @@ from tljax.checkpoints import CheckpointConfig, Checkpoints, abstract_with_shard
 from tljax.metrics import MetricWriter
 from tljax.parallel import FSDP_MIN_SIZE
 from tljax.step import TrainState, classification_loss, make_train_step, model_inputs
-from tljax.train import PhaseRecord, abstract_state, enter_phase, state_for_phase
+from tljax.train import PhaseRecord, abstract_state, enter_phase, resume_partition, state_for_phase
 
 log = logging.getLogger("tljax")
 
@@ -265,13 +265,11 @@ class _Run:
         self.writer.close()
 
     def train(self) -> FitResult:
-        state, previous = (self._restore(self.start) if self.start else None), None
+        state = self._restore(self.start) if self.start else None
         index, status = self.schedule.phase_at(self.start, self.spe), "completed"
-        saved = self.schedule.phase_at(self.start - 1, self.spe) if self.start else index
-        if saved < index < len(self.schedule.phases):  # saved at a phase boundary: carry over as if uninterrupted
-            previous = state_for_phase(
-                self.loaded, self.schedule, saved, steps_per_epoch=self.spe, **self.config.optimizer
-            )
+        previous = resume_partition(
+            self.loaded, self.schedule, self.start, steps_per_epoch=self.spe, **self.config.optimizer
+        )
         data = self.train_data(self.start)
         with Preemption() as preemption:
             while index < len(self.schedule.phases) and status == "completed":
@@ -288,13 +286,10 @@ class _Run:
         return FitResult(jax.device_get(host), self.history, status, self.last_eval)
 
     def _restore(self, step: int):
-        # the checkpoint at `step` holds the optimizer state of the phase that ran step - 1 (the one before
-        # `phase_at(step)` when `step` ends a phase); put_state lays it out as the loop expects (replicas for pmap)
-        last = step - 1
-        abstract = abstract_state(self.loaded, self.schedule, last, steps_per_epoch=self.spe, **self.config.optimizer)
+        abstract = abstract_state(self.loaded, self.schedule, step, steps_per_epoch=self.spe, **self.config.optimizer)
         target = abstract_with_shardings(abstract, self.place.shardings(abstract))
         log.info("resuming from step %d (%s)", step, self.ckpts.directory)
-        return self.place.put_state(self.ckpts.restore(step, target))
+        return self.place.put_state(self.ckpts.restore(step, target))  # pmap: back to per-device replicas
 
     def _enter(self, state, previous, part):
         host = None if state is None else self.place.host_state(state)

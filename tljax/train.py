@@ -54,11 +54,31 @@ def state_for_phase(loaded, schedule, index, *, steps_per_epoch=None, **build_kw
     )
 
 
+def producing_phase(schedule, step: int, steps_per_epoch=None) -> int:
+    """The phase whose partition shaped the state saved after `step` steps: the one that ran step - 1 (at a phase
+    boundary that is the phase before `phase_at(step)`)."""
+    return schedule.phase_at(max(step - 1, 0), steps_per_epoch)
+
+
 def abstract_state(loaded, schedule, step: int, *, steps_per_epoch=None, **build_kwargs) -> TrainState:
-    """Shapes and dtypes of the `TrainState` at global `step` (a restore target for checkpoints)."""
-    index = min(schedule.phase_at(step, steps_per_epoch), len(schedule.phases) - 1)
-    part = state_for_phase(loaded, schedule, index, steps_per_epoch=steps_per_epoch, **build_kwargs)
+    """Shapes and dtypes of the `TrainState` saved after `step` steps (a restore target for checkpoints)."""
+    part = state_for_phase(
+        loaded,
+        schedule,
+        producing_phase(schedule, step, steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        **build_kwargs,
+    )
     return jax.eval_shape(lambda: init_state(loaded.params, part.tx, loaded.state))
+
+
+def resume_partition(loaded, schedule, step: int, *, steps_per_epoch=None, **build_kwargs):
+    """For a state resumed at a phase boundary, the partition it was saved under (so entering the next phase
+    carries its optimizer state over exactly as an uninterrupted run does); None when resumed mid-phase."""
+    saved, index = producing_phase(schedule, step, steps_per_epoch), schedule.phase_at(step, steps_per_epoch)
+    if step == 0 or saved == index or index >= len(schedule.phases):
+        return None
+    return state_for_phase(loaded, schedule, saved, steps_per_epoch=steps_per_epoch, **build_kwargs)
 
 
 def run_schedule(
@@ -88,7 +108,8 @@ def run_schedule(
     starts, lengths = schedule.starts(steps_per_epoch), schedule.lengths(steps_per_epoch)
     end = schedule.total_steps(steps_per_epoch) if until is None else until
     step = 0 if state is None else int(state.step)
-    index, previous, history = schedule.phase_at(step, steps_per_epoch), None, []
+    index, history = schedule.phase_at(step, steps_per_epoch), []
+    previous = resume_partition(loaded, schedule, step, steps_per_epoch=steps_per_epoch, **build_kwargs)
     while step < end and index < len(schedule.phases):
         part = state_for_phase(loaded, schedule, index, steps_per_epoch=steps_per_epoch, **build_kwargs)
         state = enter_phase(state, previous, part, loaded, seed)
