@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax import freezing, parallel
+from tljax import freezing, parallel, partition
 from tljax.checkpoints import CheckpointConfig, Checkpoints, abstract_with_shardings
 from tljax.metrics import MetricWriter
 from tljax.parallel import FSDP_MIN_SIZE
@@ -168,6 +168,11 @@ class _Placement:
             donate_argnums=0,
         )
         return jitted.lower(state, batch).compile()
+
+    def examples(self, batch) -> int:
+        """Global examples in a placed batch."""
+        shape = next(iter(batch.values())).shape
+        return shape[0] * shape[1] * jax.process_count() if self.mode == "pmap" else shape[0]
 
     def metrics(self, metrics):
         return jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
@@ -324,14 +329,12 @@ class _Run:
                 metrics = self._check(*pending.pop(0))
             if self._due(s + 1, stop) or preemption.agreed():
                 metrics = self._flush(pending, batch)
-                status = self._periodic(s + 1, stop, state, preemption)
+                status = self._periodic(s + 1, state, preemption)
                 if status == "preempted":
                     break
         metrics = self._flush(pending, batch) or metrics
         jax.block_until_ready(state)
         per_step = (time.perf_counter() - t0) / max(1, int(self.place.host_state(state).step) - begin)
-        from tljax import partition
-
         self.history.append(
             PhaseRecord(
                 index,
@@ -354,11 +357,13 @@ class _Run:
 
     def _check(self, step: int, metrics) -> dict:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics.get("loss", 0.0)):
+        bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+        if bad:
             latest = self.ckpts.latest_step()
             where = f"step {latest} in {self.ckpts.directory}" if latest is not None else "none yet"
+            what = ", ".join(f"{k} is {v}" for k, v in bad.items())
             raise NonFiniteLossError(
-                f"loss is {metrics['loss']} at step {step}: training stopped. Last good checkpoint: {where} "
+                f"{what} at step {step}: training stopped. Last good checkpoint: {where} "
                 "(a rerun resumes from it). Lower the learning rate, set optimizer clip_norm, or check the data."
             )
         return metrics
@@ -369,12 +374,11 @@ class _Run:
             step, raw = pending.pop(0)
             metrics = self._check(step, raw)
             if step % max(self.config.log_every, 1) == 0 or not pending:
-                rows = next(iter(batch.values())).shape[0] * (jax.device_count() if self.place.mode == "pmap" else 1)
-                extra = self.writer.progress(step, metrics, rows)
+                extra = self.writer.progress(step, metrics, self.place.examples(batch))
                 self.writer.write(step, "train", metrics, **extra)
         return metrics
 
-    def _periodic(self, step: int, stop: int, state, preemption) -> str:
+    def _periodic(self, step: int, state, preemption) -> str:
         c = self.config
         if self.eval_data is not None and (step == self.total or (c.eval_every and step % c.eval_every == 0)):
             self._evaluate(step, state)
