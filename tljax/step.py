@@ -103,7 +103,7 @@ def make_train_step(
             grads, (metrics, collections) = _accumulated(grads_of, state, batch, rng, accumulate)
         if axis_name is not None:
             grads, metrics, collections = jax.lax.pmean((grads, metrics, collections), axis_name)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}  # a NaN here stops the engine too
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}  # a NaN here stops the engine too
         updates, opt_state = partition.tx.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates, partition.trainable_mask)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections)
