@@ -185,15 +185,20 @@ BERT_LLRD = {  # tiny BERT: 2 blocks, depth = 3; multiplier = decay ** (3 - laye
 }
 
 
-def test_llrd_bert_table(clf):
-    part = P.build(clf.params, rules.llrd(clf, 0.5), learning_rate=1.0)
+def assert_llrd_table(loaded, table, decay=0.5):
+    """Every parameter's LR under `rules.llrd` equals the table entry of its path prefix; every entry is used."""
+    part = P.build(loaded.params, rules.llrd(loaded, decay), learning_rate=1.0)
     seen = set()
     for g in part.groups:
         for path in g.paths:
-            prefix = next(p for p in BERT_LLRD if path.startswith(p))
-            assert g.lr == pytest.approx(BERT_LLRD[prefix]), path
+            prefix = next(p for p in table if path.startswith(p))
+            assert g.lr == pytest.approx(table[prefix]), path
             seen.add(prefix)
-    assert seen == set(BERT_LLRD)
+    assert seen == set(table)
+
+
+def test_llrd_bert_table(clf):
+    assert_llrd_table(clf, BERT_LLRD)
 
 
 def test_llrd_matches_family_layer_id(clf):
@@ -280,11 +285,4 @@ VIT_LLRD = {  # tiny ViT: 2 blocks, depth = 3; multiplier = decay ** (3 - layer_
 
 
 def test_llrd_vit_table(tiny_vit):
-    part = P.build(tiny_vit.params, rules.llrd(tiny_vit, 0.5), learning_rate=1.0)
-    seen = set()
-    for g in part.groups:
-        for path in g.paths:
-            prefix = next(p for p in VIT_LLRD if path.startswith(p))
-            assert g.lr == pytest.approx(VIT_LLRD[prefix]), path
-            seen.add(prefix)
-    assert seen == set(VIT_LLRD)
+    assert_llrd_table(tiny_vit, VIT_LLRD)
