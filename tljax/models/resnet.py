@@ -10,9 +10,9 @@ Outputs differ in layout from HF on purpose (channels-last is what XLA convs wan
 BatchNorm modes:
 - `train=False`: running statistics (HF `.eval()`).
 - `train=True`: batch statistics; the updated running statistics come back with `mutable=["batch_stats"]`
-  (momentum 0.9 here == torch momentum 0.1). One difference from torch we cannot remove with flax's `nn.BatchNorm`:
-  torch folds the *unbiased* batch variance (x n/(n-1), n = B*H*W) into `running_var`, flax the biased one.
-  Normalisation itself (biased variance) and `running_mean` match exactly.
+  (momentum 0.9 here == torch momentum 0.1). `BatchNorm` below follows torch's rule exactly: normalise with the
+  biased batch variance, fold the *unbiased* one (x n/(n-1), n = B*H*W) into `running_var` (flax's `nn.BatchNorm`
+  folds the biased one, so fine-tuned statistics would drift from a PyTorch baseline).
 - `freeze_bn_stats=True` (build option): running statistics always, also under `train=True` (the usual choice when
   fine-tuning with small batches); `mutable` is then not needed.
 """
@@ -41,6 +41,43 @@ BOTTLENECK_REDUCTION = 4  # HF's ResNetBottleNeckLayer(reduction=4)
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated in jax
 
 
+class BatchNorm(nn.Module):
+    """torch's `BatchNorm2d` over the channel (last) axis: `scale`/`bias` params, `mean`/`var` batch_stats."""
+
+    use_running_average: bool
+    momentum: float = 0.9  # weight of the old running statistic (torch momentum 0.1)
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            mean, var = _moments(x)
+            if not self.is_initializing():
+                n = x.size // c
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1 - m) * mean
+                running_var.value = m * running_var.value + (1 - m) * var * (n / max(n - 1, 1))
+        y = (x.astype(jnp.float32) - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype)
+
+
+def _moments(x):
+    """Per-channel mean and biased variance in fp32, as E[(x - mean)^2] (torch's, no E[x^2] - mean^2 cancellation)."""
+    x = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    return mean, jnp.square(x - mean).mean(axes)
+
+
 class ConvNorm(nn.Module):
     """conv (no bias, torch's symmetric `kernel // 2` padding) -> BatchNorm -> activation: HF's `ResNetConvLayer`."""
 
@@ -65,12 +102,8 @@ class ConvNorm(nn.Module):
             param_dtype=self.param_dtype,
             name="conv",
         )(x)
-        # use_fast_variance=False: E[(x - mean)^2], like torch, not E[x^2] - mean^2 (cancellation in fp32).
-        x = nn.BatchNorm(
+        x = BatchNorm(
             use_running_average=use_running_average,
-            momentum=0.9,
-            epsilon=1e-5,
-            use_fast_variance=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="norm",
