@@ -180,3 +180,20 @@ def test_export_round_trip_into_transformers(tiny_bert_dir, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         tm.save_pretrained(out_dir, loaded)
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp folder left behind
+
+
+def test_bf16_checkpoint_loads_into_fp32_or_bf16(tmp_path):
+    """Checkpoints stored in bfloat16 (common on the hub) load exactly: fp32 params are the upcast weights."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    BertModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")["encoder.layer.0.attention.self.query.weight"]
+    assert stored.dtype == torch.bfloat16
+    fp32 = tm.load_pretrained(tmp_path)
+    kernel = fp32.params["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    assert kernel.dtype == np.float32 and np.array_equal(np.asarray(kernel), stored.float().numpy().T)
+    half = tm.load_pretrained(tmp_path, dtype="bfloat16")
+    assert half.params["encoder"]["layer_0"]["attention"]["query"]["kernel"].dtype == jax.numpy.bfloat16
