@@ -303,3 +303,23 @@ def test_bf16_compute_close_to_fp32(pair, clip_dir):
     b = half.model.apply(half.variables, input_ids=ids, attention_mask=mask, pixel_values=px)
     assert b["image_embeds"].dtype == jnp.bfloat16
     assert max_abs_diff(a["image_embeds"], b["image_embeds"]) < 0.1
+
+
+def test_higher_resolution_resamples_positions_like_hf(pair, clip_dir, tmp_path):
+    """Loaded at 48x48 (a 6x6 grid from the 4x4 checkpoint), CLIP matches HF's `interpolate_pos_encoding=True`,
+    and the exported folder (config image_size 48) reloads in transformers as is."""
+    from transformers import CLIPModel
+
+    _, ref = pair
+    big = tm.load_pretrained(clip_dir, image_size=48)
+    assert big.report.adapted == {"params/vision/embeddings/position_embedding/embedding": "resampled 4x4 -> 6x6"}
+    px = np.random.RandomState(3).randn(2, 3, 48, 48).astype(np.float32)
+    out = big.model.apply(big.variables, pixel_values=px)
+    with torch.no_grad():
+        want = ref.vision_model(pixel_values=torch.tensor(px), interpolate_pos_encoding=True)
+    assert max_abs_diff(out["vision_last_hidden_state"], want.last_hidden_state) <= TOL
+    assert max_abs_diff(out["vision_pooler_output"], want.pooler_output) <= TOL
+    reloaded = CLIPModel.from_pretrained(tm.save_pretrained(tmp_path / "clip48", big)).eval()
+    with torch.no_grad():
+        again = reloaded.vision_model(pixel_values=torch.tensor(px)).last_hidden_state
+    assert max_abs_diff(out["vision_last_hidden_state"], again) <= TOL

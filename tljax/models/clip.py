@@ -14,6 +14,7 @@ Either tower may be called alone (image-only features for a linear probe, text-o
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import numpy as np
 
 from tljax.models import layers
 from tljax.models.convert import CONV, LINEAR, KeyMap, Rule, dense_rules, norm_rules
+from tljax.models.vit import resample_table
 
 MODEL_TYPES = ("clip", "clip_vision_model")
 PREFIXES = ()  # CLIPModel / CLIPVisionModel keys already start at text_model. / vision_model.
@@ -354,12 +356,21 @@ def _text_tower(c, **kw) -> TextTower:
     )
 
 
-def build(hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=()) -> CLIPModel:
+def build(
+    hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(), image_size: int | None = None
+) -> CLIPModel:
     """The linen module for an HF `CLIPConfig` (both towers) or `CLIPVisionConfig` (vision tower alone).
 
     A "clip_vision_model" gets `visual_projection` when the checkpoint has it (`CLIPVisionModelWithProjection`)
     or when there is no checkpoint; a plain `CLIPVisionModel` has none, so use pooling="pooler" for a head.
+
+    Args:
+      image_size: fine-tuning resolution of the vision tower (e.g. 336 for a 224 checkpoint); `adapt` resamples
+        the position table like ViT's, and the vision config's `image_size` is set in place so `dummy_inputs` and
+        `save_pretrained` describe the model that was built.
     """
+    if image_size is not None:
+        _vision_config(hf_config).image_size = _square(image_size, "image_size")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     vision = _vision_tower(_vision_config(hf_config), **kw)
     if hf_config.model_type == "clip":
@@ -372,6 +383,19 @@ def build(hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_k
         )
     with_projection = not checkpoint_keys or "visual_projection.weight" in checkpoint_keys
     return CLIPModel(vision, None, hf_config.projection_dim if with_projection else None, **kw)
+
+
+def adapt(converted: dict, shapes: dict, hf_config, prefix: str) -> dict[str, str]:
+    """Resamples the vision position table to the model's patch grid (CLS row kept, torch's bicubic)."""
+    path = f"params/{prefix}vision/embeddings/position_embedding/embedding"
+    if path not in converted or path not in shapes or converted[path].shape == shapes[path].shape:
+        return {}
+    table, (rows, dim) = converted[path], shapes[path].shape
+    old, new = math.isqrt(table.shape[0] - 1), math.isqrt(rows - 1)
+    if old * old + 1 != table.shape[0] or table.shape[1] != dim:
+        return {}  # not a square grid or another width: the strict merge reports the mismatch
+    converted[path] = resample_table(table[None], (old, old), (new, new))[0].astype(table.dtype)
+    return {path: f"resampled {old}x{old} -> {new}x{new}"}
 
 
 def dummy_inputs(hf_config) -> dict:
