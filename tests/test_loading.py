@@ -197,3 +197,13 @@ def test_bf16_checkpoint_loads_into_fp32_or_bf16(tmp_path):
     assert kernel.dtype == np.float32 and np.array_equal(np.asarray(kernel), stored.float().numpy().T)
     half = tm.load_pretrained(tmp_path, dtype="bfloat16")
     assert half.params["encoder"]["layer_0"]["attention"]["query"]["kernel"].dtype == jax.numpy.bfloat16
+
+
+def test_sharded_safetensors_checkpoint(tiny_bert_dir, tmp_path):
+    """A checkpoint split into shards with model.safetensors.index.json (how large hub models are stored)."""
+    from transformers import BertModel
+
+    BertModel.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    sharded, single = tm.load_pretrained(tmp_path), tm.load_pretrained(tiny_bert_dir)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), sharded.params, single.params))
