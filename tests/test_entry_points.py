@@ -29,6 +29,19 @@ def test_bench_freeze_quick_prints_json_lines(capsys):
     assert flops["freeze/head_only"] < 1.15 * flops["freeze/forward"] < flops["freeze/full"]
 
 
+def test_bench_schedule_quick_reports_every_phase(capsys):
+    from experiments import bench
+
+    bench.main(["schedule", "--quick"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    phases = [r for r in rows if r["metric"] == "step_ms"]
+    assert [r["name"].rsplit("/", 1)[1] for r in phases] == ["head", "top_1", "top_2", "top_3", "top_4", "all"]
+    counts = [r["trainable_params"] for r in phases]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+    assert all(r["compile_s"] > 0 and r["compile_s_cached"] > 0 for r in phases)
+    assert {r["metric"] for r in rows} >= {"last_over_first_step", "compile_cached_over_cold"}
+
+
 @pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebook_runs(notebook):
     cells = json.loads(notebook.read_text())["cells"]

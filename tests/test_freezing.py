@@ -215,3 +215,13 @@ def test_epochs_and_phase_lookup():
     sched = FreezingSchedule((Phase(epochs=1), Phase(epochs=0.5), Phase(steps=3)))
     assert sched.lengths(steps_per_epoch=10) == [10, 5, 3]
     assert [sched.phase_at(s, 10) for s in (0, 9, 10, 14, 15, 17, 18)] == [0, 0, 1, 1, 2, 2, 3]
+
+
+def test_compilation_cache_persists_programs(tmp_path):
+    import os
+
+    from tljax.train import enable_compilation_cache
+
+    assert enable_compilation_cache(str(tmp_path)) == str(tmp_path)
+    jax.jit(lambda x: jnp.cos(x) @ x.T * 3.0)(jnp.ones((8, 8))).block_until_ready()
+    assert os.listdir(tmp_path)  # the compiled program is on disk for the next run

@@ -24,11 +24,17 @@ log = logging.getLogger("tljax")
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
-    """Turns on JAX's persistent compilation cache, so repeated ablation runs do not compile twice."""
+    """Turns on JAX's persistent compilation cache, so repeated ablation runs do not compile twice.
+
+    Safe to call after other compilations: the cache is reset so the new directory takes effect.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
     path = path or os.environ.get("TLJAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/tljax/jax"))
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
     return path
 
 
