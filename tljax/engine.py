@@ -158,7 +158,8 @@ class _Placement:
 
     def compile(self, step_fn_factory, state, batch):
         if self.mode == "pmap":
-            return jax.pmap(step_fn_factory("batch"), axis_name="batch", donate_argnums=0)
+            pmapped = jax.pmap(step_fn_factory("batch"), axis_name="batch", donate_argnums=0)
+            return pmapped.lower(state, batch).compile()  # compile now, so compile time is measured per phase
         shardings = self.shardings(state)
         batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(self.mesh), batch)
         jitted = jax.jit(
