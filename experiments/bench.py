@@ -2,16 +2,20 @@
 
     python -m experiments.bench freeze            # real MiniLM-L6, batch 32, seq 128 (CPU: a few minutes)
     python -m experiments.bench freeze --quick    # tiny random BERT, seconds
+    python -m experiments.bench schedule          # gradual unfreezing: step and compile time per phase
+    python -m experiments.bench fsdp              # bytes of params + optimizer state per device, data vs FSDP
 
 `freeze` measures what a partition costs: step time of head-only / top-k / full fine-tuning against a forward
 pass, the same partitions done the naive way (Adam with learning rate 0 on frozen groups), XLA's FLOP count of
-each compiled step, and optimizer-state bytes against trainable bytes.
+each compiled step, and optimizer-state bytes against trainable bytes. `fsdp` runs on 8 fake CPU devices unless
+XLA_FLAGS already sets a device count (on an accelerator host: its devices).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,9 +28,10 @@ import numpy as np
 
 import tljax.models as tm
 from tljax import partition as P
-from tljax import rules
+from tljax import rules, task
 from tljax.assets import minilm_path
-from tljax.step import init_state, make_train_step, model_inputs
+from tljax.losses import model_inputs
+from tljax.step import init_state, make_train_step
 
 
 def emit(name: str, metric: str, value, **extra) -> dict:
@@ -96,7 +101,8 @@ def _naive(rule_list):
 
 
 def _measure_step(loaded, rule_list, batch, reps) -> dict:
-    part = P.build(loaded.params, rule_list, learning_rate=1e-4, weight_decay=0.01)
+    unused = task.unused_params(loaded.model, loaded.params, batch)  # mean pooling: the pooler
+    part = P.build(loaded.params, rule_list, learning_rate=1e-4, weight_decay=0.01, unused=unused)
     step = jax.jit(make_train_step(loaded.model, part), donate_argnums=0)
     state = init_state(jax.tree.map(jnp.copy, loaded.params), part.tx)  # the step donates its state
     compiled = step.lower(state, batch).compile()
@@ -196,14 +202,16 @@ def bench_freeze(quick: bool) -> list[dict]:
 def bench_schedule(quick: bool) -> list[dict]:
     """Gradual unfreezing (ULMFiT) on MiniLM: compile and step time per phase, cold and with the persistent
     compilation cache warm (the second run of the same ablation)."""
-    from tljax import freezing
-    from tljax.train import enable_compilation_cache, run_schedule
+    import itertools
+
+    from tljax import engine, freezing
 
     steps = 2 if quick else 3
-    enable_compilation_cache(tempfile.mkdtemp(prefix="tljax-cache-"))
+    engine.enable_compilation_cache(tempfile.mkdtemp(prefix="tljax-cache-"))
     loaded, batch, common = _setup(quick)
     sched = freezing.get("gradual_unfreeze", loaded, steps_per_stage=steps, lr=1e-4, decay=1 / 2.6)
-    runs = [run_schedule(loaded, sched, iter(lambda: batch, None), weight_decay=0.01)[1] for _ in range(2)]
+    config = engine.EngineConfig(devices=1, progress=False, optimizer={"weight_decay": 0.01})
+    runs = [engine.fit(loaded, sched, itertools.repeat(batch), config).history for _ in range(2)]
     out = []
     for cold, warm in zip(*runs, strict=True):
         out.append(
@@ -233,7 +241,32 @@ def bench_schedule(quick: bool) -> list[dict]:
     return out
 
 
-BENCHMARKS = {"freeze": bench_freeze, "schedule": bench_schedule}
+def bench_fsdp(quick: bool) -> list[dict]:
+    """Bytes of params + AdamW state on the fullest device, full fine-tuning, data parallel vs FSDP: the state is
+    built inside jit with output shardings, so under FSDP each device only ever holds its share."""
+    from tljax import engine, parallel
+
+    loaded, _, common = _setup(quick)
+    part = P.build(loaded.params, rules.full(loaded), learning_rate=1e-4, weight_decay=0.01)
+    common = {**common, "devices": jax.device_count()}
+    out, worst = [], {}
+    for mode in ("data", "fsdp"):
+        state = engine.initial_state(
+            loaded, part, parallel.Placement(mode, fsdp_min_size=0 if quick else parallel.FSDP_MIN_SIZE)
+        )
+        per_device = parallel.device_bytes((state.params, state.opt_state))
+        worst[mode] = max(per_device.values())
+        out.append(emit(f"fsdp/{mode}", "max_device_state_mb", worst[mode] / 2**20, **common))
+        del state
+    out.append(
+        emit(
+            "fsdp", "fsdp_over_data_device_bytes", worst["fsdp"] / worst["data"], ideal=1 / jax.device_count(), **common
+        )
+    )
+    return out
+
+
+BENCHMARKS = {"freeze": bench_freeze, "schedule": bench_schedule, "fsdp": bench_fsdp}
 
 
 def main(argv=None) -> int:
@@ -241,6 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="tiny random model, a few seconds")
     args = parser.parse_args(argv)
+    if args.benchmark == "fsdp" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # before the first device query: JAX reads XLA_FLAGS when it creates the CPU backend
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     BENCHMARKS[args.benchmark](args.quick)
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 from engine_driver import global_batch, make_model
 
 import tljax.models as tm
-from tljax import engine, freezing, parallel, tree
+from tljax import engine, evaluation, freezing, parallel, tree
 from tljax.checkpoints import CheckpointConfig, Checkpoints
 from tljax.engine import EngineConfig
 
@@ -153,9 +153,7 @@ def test_eval_metrics_weighted_by_mask(loaded, single):
         labels.append(b["labels"][keep])
     logits, labels = np.concatenate(logits), np.concatenate(labels)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    got = engine.evaluate(
-        jax.jit(engine.make_eval_step(loaded.model)), params, {}, eval_data(), engine._Placement("data", None)
-    )
+    got = evaluation.evaluate(loaded, eval_data(), params=params)
     assert got["accuracy"] == pytest.approx((logits.argmax(-1) == labels).mean())
     assert got["loss"] == pytest.approx(-logp[np.arange(len(labels)), labels].mean(), rel=1e-5)
     assert got["top3_accuracy"] == 1.0  # 3 classes: the label is always in the top 3
@@ -196,3 +194,90 @@ def test_config_errors(loaded, tmp_path):
         fit(loaded, tmp_path, "bad2", devices=9)
     with pytest.raises(ValueError, match="not divisible by accumulate=3"):
         fit(loaded, tmp_path, "bad3", accumulate=3, devices=1)
+
+
+def test_eval_metrics_go_only_with_the_checkpoint_of_their_step(loaded, tmp_path):
+    """Regression: a checkpoint saved at a step without evaluation carried the previous evaluation's metrics, so
+    best-by-metric could keep a step that was never measured."""
+    fit(
+        loaded,
+        tmp_path,
+        "m",
+        steps=8,
+        evaluate=True,
+        eval_every=4,
+        devices=1,
+        checkpoint={"every": 2, "keep": 4, "best_metric": "loss", "best_mode": "min"},
+    )
+    rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["loss"] for r in rows if r["split"] == "eval"}
+    ckpts = Checkpoints(tmp_path / "m" / "checkpoints", CheckpointConfig(best_metric="loss", best_mode="min"))
+    stored = {s: ckpts.manager.metrics(s) for s in ckpts.all_steps()}
+    best = ckpts.best_step()  # read back from disk by a new manager, as a resumed run does
+    ckpts.close()
+    assert sorted(evals) == [4, 8] and sorted(stored) == [2, 4, 6, 8] and best == min(evals, key=evals.get)
+    assert {s: (m or {}).get("loss") for s, m in stored.items()} == {2: None, 4: evals[4], 6: None, 8: evals[8]}
+
+
+def test_labels_outside_the_classes_stop_with_a_clear_error(loaded, tmp_path):
+    def bad(start):
+        for step in itertools.count(start):
+            batch = global_batch(step)
+            if step == 2:
+                batch["labels"][5] = 3  # the model has 3 classes
+            yield batch
+
+    with pytest.raises(ValueError, match=r"training batch for step 2: label 3 \(row 5\) is outside \[0, 3\)"):
+        engine.fit(loaded, sched(loaded), bad, EngineConfig(devices=1, progress=False))
+    with pytest.raises(ValueError, match=r"eval batch 0: label -1 \(row 0\) is outside \[0, 3\)"):
+        evaluation.evaluate(loaded, [{**global_batch(0), "labels": np.full(16, -1)}])
+
+
+def test_fsdp_state_is_built_sharded(loaded):
+    """Each of 8 devices holds about 1/8 of the parameters and the Adam moments: the state is created inside jit
+    with output shardings (never assembled on one device and then split)."""
+    from tljax import partition, rules
+
+    part = partition.build(loaded.params, rules.full(loaded), learning_rate=1e-3)
+    placement = parallel.Placement("fsdp", fsdp_min_size=0)
+    state = engine.initial_state(loaded, part, placement)
+    total = tree.nbytes(state.params) + tree.nbytes(state.opt_state)
+    per_device = parallel.device_bytes((state.params, state.opt_state))
+    assert len(per_device) == 8
+    assert max(per_device.values()) < 0.16 * total  # 1/8 = 0.125, plus the few arrays no dimension of splits 8 ways
+    replicated = parallel.device_bytes(engine.initial_state(loaded, part, parallel.Placement("data")).params)
+    assert min(replicated.values()) == tree.nbytes(state.params)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_older_one(loaded, single, tmp_path):
+    """Regression: with the newest checkpoint corrupted, resuming failed with a JSONDecodeError although an older
+    good one was kept. Now it resumes from the older one, names the bad one, and moves it aside (never deleted)."""
+    import logging
+
+    ref, _ = single
+    cfg = {"checkpoint": {"every": 2, "keep": 3}, "devices": 1}
+    fit(loaded, tmp_path, "c", steps=6, **cfg)
+    ckpt_dir = tmp_path / "c" / "checkpoints"
+    (ckpt_dir / "6" / "state" / "_METADATA").write_text('{"trunc')  # step 6: damaged after it was written
+    logger = logging.getLogger("tljax")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        resumed = fit(loaded, tmp_path, "c", steps=6, **cfg)
+    finally:
+        logger.removeHandler(handler)
+    assert resumed.history[0].start == 4 and int(resumed.state.step) == 6
+    assert_close(resumed.state.params, ref.state.params)
+    assert any("checkpoint step 6" in r.getMessage() and "does not restore" in r.getMessage() for r in records)
+    moved = list((tmp_path / "c" / "checkpoints.corrupt").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("6-") and (moved[0] / "state" / "_METADATA").exists()
+
+
+def test_a_config_mismatch_is_an_error_not_damage(loaded, tmp_path):
+    """When no checkpoint restores (here: another optimizer), nothing is moved: the error is raised."""
+    fit(loaded, tmp_path, "x", steps=6, devices=1, checkpoint={"every": 2})
+    with pytest.raises(RuntimeError, match="no checkpoint in .* restores; the newest"):
+        fit(loaded, tmp_path, "x", steps=6, devices=1, checkpoint={"every": 2}, optimizer={"optimizer": "sgd"})
+    assert not (tmp_path / "x" / "checkpoints.corrupt").exists()

@@ -49,3 +49,16 @@ def test_notebook_runs(notebook):
     namespace = {}
     exec(compile(code, str(notebook), "exec"), namespace)  # noqa: S102 - our own notebook
     assert float(namespace["metrics"]["loss"]) < 0.69
+
+
+def test_bench_fsdp_quick_shards_the_state(capsys):
+    import jax
+
+    from experiments import bench
+
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    bench.main(["fsdp", "--quick"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    ratio = next(r for r in rows if r["metric"] == "fsdp_over_data_device_bytes")
+    assert ratio["value"] == pytest.approx(1 / 8, rel=0.05)

@@ -1,4 +1,5 @@
-"""Freezing schedules: exact optimizer-state carry-over, resume mid-schedule, built-ins, bad schedules."""
+"""Freezing schedules through the engine's one loop: exact optimizer-state carry-over, resume mid-schedule and at a
+phase boundary, built-ins, the resolved plan, bad schedules."""
 
 import dataclasses
 import itertools
@@ -10,10 +11,11 @@ import pytest
 from conftest import token_batch
 
 import tljax.models as tm
-from tljax import freezing, tree
+from tljax import engine, freezing, tree
 from tljax import partition as P
+from tljax.checkpoints import CheckpointConfig
+from tljax.engine import EngineConfig
 from tljax.freezing import FreezingSchedule, Phase
-from tljax.train import abstract_state, run_schedule
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,30 @@ def batches(start=0):
     for i in itertools.count(start):
         ids, mask = token_batch(4, 8, seed=i)
         yield {"input_ids": ids, "attention_mask": mask, "labels": np.array([i % 3, 1, 2, 0])}
+
+
+def run_schedule(loaded, sched, data=batches, workdir=None, **optimizer):
+    """One engine run on one device, in memory unless a workdir is given (then checkpoints every step)."""
+    cfg = EngineConfig(
+        workdir=workdir, devices=1, progress=False, optimizer=optimizer, checkpoint=CheckpointConfig(every=1, keep=9)
+    )
+    result = engine.fit(loaded, sched, data, cfg)
+    return result.state, result.history
+
+
+def stop_after(n):
+    """A data source that delivers a preemption notice (SIGTERM) with the batch of step n - 1: the run saves a
+    checkpoint after n steps and stops."""
+    import os
+    import signal
+
+    def source(start):
+        for step, batch in zip(itertools.count(start), batches(start), strict=False):
+            if step == n - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    return source
 
 
 def _same_state(a, b, params) -> bool:
@@ -46,8 +72,8 @@ TOP1 = [("^head/", "train"), ("layer_1/", "train"), ("pooler/", "train"), (".*",
 def test_split_into_phases_equals_one_phase(clf):
     one = FreezingSchedule((Phase(6, rules=TOP1, learning_rate=1e-2),))
     two = FreezingSchedule((Phase(2, rules=TOP1, learning_rate=1e-2), Phase(4, rules=TOP1, learning_rate=1e-2)))
-    s1, _ = run_schedule(clf, one, batches(), weight_decay=0.01)
-    s2, hist = run_schedule(clf, two, batches(), weight_decay=0.01)
+    s1, _ = run_schedule(clf, one, weight_decay=0.01)
+    s2, hist = run_schedule(clf, two, weight_decay=0.01)
     assert [h.end for h in hist] == [2, 6]
     assert _bitwise_equal(s1.params, s2.params) and _same_state(s1.opt_state, s2.opt_state, s1.params)
 
@@ -62,8 +88,8 @@ def test_thawing_a_group_keeps_the_carried_group_exact(clf):
     one = FreezingSchedule((Phase(5, rules=TOP1, learning_rate=1e-2),))
     two = FreezingSchedule((Phase(2, rules=TOP1, learning_rate=1e-2), Phase(3, rules=thaw, learning_rate=1e-2)))
     kw = {"optimizer": "sgd", "momentum": 0.9}  # stateful; Adam would blow last-ulp gradient noise up to ~lr
-    s1, _ = run_schedule(clf, one, batches(), **kw)
-    s2, hist = run_schedule(clf, two, batches(), **kw)
+    s1, _ = run_schedule(clf, one, **kw)
+    s2, hist = run_schedule(clf, two, **kw)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert hist[1].trainable_params > hist[0].trainable_params
@@ -73,9 +99,9 @@ def test_carry_state_moments_counts_and_fresh_groups(clf):
     sched = FreezingSchedule(
         (Phase(3, rules=TOP1, learning_rate=1e-2), Phase(1, rules=[("layer_0/", "train")] + TOP1, learning_rate=1e-2))
     )
-    state, _ = run_schedule(clf, sched, batches(), until=3)
-    old = freezing.partition_for(sched, 0, clf, clf.params)
-    new = freezing.partition_for(sched, 1, clf, clf.params)
+    state, _ = run_schedule(clf, FreezingSchedule(sched.phases[:1]))  # the first phase alone: 3 steps
+    plan = freezing.resolve(sched, clf)
+    old, new = plan.phases[0].partition, plan.phases[1].partition
     assert {g.label: g.age for g in new.groups if g.rule.trainable} == {"g0": 0, "g1@3": 3, "g2@3": 3, "g3@3": 3}
     carried = P.carry_state(state.opt_state, old, new, state.params)
     by_label = carried.inner_states
@@ -89,41 +115,22 @@ def test_carry_state_moments_counts_and_fresh_groups(clf):
 
 def test_frozen_groups_hold_no_state_in_every_phase(clf):
     sched = freezing.get("gradual_unfreeze", clf, steps_per_stage=1, lr=1e-3)
-    _, hist = run_schedule(clf, sched, batches())
+    _, hist = run_schedule(clf, sched)
+    plan = freezing.resolve(sched, clf)
     for h in hist:
-        part = freezing.partition_for(sched, h.index, clf, clf.params)
-        assert h.opt_state_bytes == 2 * part.nbytes(True), h.name
+        assert h.opt_state_bytes == 2 * plan.phases[h.index].partition.nbytes("train"), h.name
 
 
-def test_resume_mid_schedule_equals_no_interruption(clf, tmp_path):
-    import orbax.checkpoint as ocp
-
+@pytest.mark.parametrize("stop", [4, 2], ids=["mid_phase", "phase_boundary"])
+def test_resume_equals_no_interruption(clf, tmp_path, stop):
+    """Regression (phase_boundary): a state saved at the end of a phase holds that phase's optimizer layout;
+    resuming it used to build the next phase's restore target (tree mismatch) and skip the carry-over."""
     sched = freezing.get("lp_ft", clf, probe_steps=2, ft_steps=4, probe_lr=1e-2, ft_lr=1e-3)
-    full, _ = run_schedule(clf, sched, batches(), weight_decay=0.01)
-    half, _ = run_schedule(clf, sched, batches(), until=4, weight_decay=0.01)  # mid fine-tune phase
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(tmp_path / "ckpt", half)
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(tmp_path / "ckpt", abstract_state(clf, sched, 4, weight_decay=0.01))
-    assert sched.phase_at(int(restored.step)) == 1
-    resumed, hist = run_schedule(clf, sched, batches(4), state=restored, weight_decay=0.01)
-    assert [(h.start, h.end) for h in hist] == [(4, 6)]
-    assert _bitwise_equal(full.params, resumed.params) and _bitwise_equal(full.opt_state, resumed.opt_state)
-
-
-def test_resume_exactly_at_a_phase_boundary(clf, tmp_path):
-    """Regression: a state saved at the end of a phase holds that phase's optimizer layout; resuming it used to
-    build the next phase's restore target (tree mismatch) and skip the carry-over."""
-    import orbax.checkpoint as ocp
-
-    sched = freezing.get("lp_ft", clf, probe_steps=2, ft_steps=3, probe_lr=1e-2, ft_lr=1e-3)
-    full, _ = run_schedule(clf, sched, batches(), weight_decay=0.01)
-    half, _ = run_schedule(clf, sched, batches(), until=2, weight_decay=0.01)  # the probe phase's end
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(tmp_path / "ckpt", half)
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(tmp_path / "ckpt", abstract_state(clf, sched, 2, weight_decay=0.01))
-    resumed, _ = run_schedule(clf, sched, batches(2), state=restored, weight_decay=0.01)
+    full, _ = run_schedule(clf, sched, weight_decay=0.01)
+    half, _ = run_schedule(clf, sched, stop_after(stop), workdir=str(tmp_path), weight_decay=0.01)
+    assert int(half.step) == stop
+    resumed, hist = run_schedule(clf, sched, workdir=str(tmp_path), weight_decay=0.01)
+    assert hist[0].start == stop and int(resumed.step) == 6
     assert _bitwise_equal(full.params, resumed.params) and _same_state(full.opt_state, resumed.opt_state, full.params)
 
 
@@ -148,7 +155,7 @@ BUILTINS = {
 def test_builtin_schedules_run_with_expected_trainable_counts(clf, name):
     kwargs, expected = BUILTINS[name]
     sched = freezing.get(name, clf, **kwargs)
-    state, hist = run_schedule(clf, sched, batches())
+    state, hist = run_schedule(clf, sched)
     assert int(state.step) == sched.total_steps() == len(hist)
     if expected is None:  # bitfit: every bias plus the head's kernel
         biases = sum(v.size for p, v in tree.flatten(clf.params).items() if p.endswith("bias"))
@@ -186,19 +193,21 @@ def test_phase_local_schedule_continues_for_carried_groups(clf):
     """A carried group's LR schedule restarts with its phase even though its optax count continues."""
     spec = {"schedule": "linear", "init": 1.0, "end": 0.0}
     sched = FreezingSchedule((Phase(4, rules=TOP1, learning_rate=0.1), Phase(10, rules=TOP1, learning_rate=spec)))
-    part = freezing.partition_for(sched, 1, clf, clf.params)
+    part = freezing.resolve(sched, clf).phases[1].partition
     g = next(g for g in part.groups if g.age == 4)
     assert float(g.lr(4)) == pytest.approx(1.0) and float(g.lr(9)) == pytest.approx(0.5)
 
 
 def test_bad_schedules_have_clear_errors(clf):
     with pytest.raises(ValueError, match="length 0: every phase needs at least one step"):
-        run_schedule(clf, FreezingSchedule((Phase(0, rules="full"),)), batches())
+        run_schedule(clf, FreezingSchedule((Phase(0, rules="full"),)))
     with pytest.raises(ValueError, match=r"phase 0 .* match no rule"):
-        run_schedule(clf, FreezingSchedule((Phase(1, rules=[("^head/", "train")]),)), batches())
+        run_schedule(clf, FreezingSchedule((Phase(1, rules=[("^head/", "train")]),)))
     with pytest.raises(ValueError, match=r"phase 1 .* only matches parameters already claimed"):
         bad = [(".*", "train"), ("^head/", None)]
-        run_schedule(clf, FreezingSchedule((Phase(1, rules="full"), Phase(1, rules=bad))), batches())
+        run_schedule(clf, FreezingSchedule((Phase(1, rules="full"), Phase(1, rules=bad))))
+    with pytest.raises(ValueError, match=r"phase 0 .* rule 0: invalid regex '\(head': missing \)"):
+        freezing.resolve(FreezingSchedule((Phase(1, rules=[("(head", "train"), (".*", None)]),)), clf)
     with pytest.raises(ValueError, match="unknown freezing schedule 'lpft'"):
         freezing.get("lpft", clf)
     with pytest.raises(ValueError, match="exactly one of steps / epochs"):
@@ -211,16 +220,30 @@ def test_bad_schedules_have_clear_errors(clf):
         FreezingSchedule(())
 
 
-def test_epochs_and_phase_lookup():
+def test_plan_resolves_epochs_phase_lookup_and_producing_phase(clf):
     sched = FreezingSchedule((Phase(epochs=1), Phase(epochs=0.5), Phase(steps=3)))
     assert sched.lengths(steps_per_epoch=10) == [10, 5, 3]
-    assert [sched.phase_at(s, 10) for s in (0, 9, 10, 14, 15, 17, 18)] == [0, 0, 1, 1, 2, 2, 3]
+    plan = freezing.resolve(sched, clf, steps_per_epoch=10)
+    assert [(p.start, p.stop) for p in plan.phases] == [(0, 10), (10, 15), (15, 18)] and plan.total_steps == 18
+    assert [plan.phase_at(s) for s in (0, 9, 10, 14, 15, 17, 18)] == [0, 0, 1, 1, 2, 2, 3]
+    assert [plan.producing_phase(s) for s in (0, 1, 10, 11, 15, 18)] == [0, 0, 0, 1, 1, 2]
+
+
+def test_negative_or_nan_learning_rates_are_errors(clf):
+    for lr, match in [(-1e-3, "learning rate must be a finite number >= 0, got -0.001"), (float("nan"), "got nan")]:
+        with pytest.raises(ValueError, match=match):
+            freezing.resolve(FreezingSchedule((Phase(1, rules="full", learning_rate=lr),)), clf)
+    spec = {"schedule": "cosine", "peak": -1.0}
+    with pytest.raises(ValueError, match="LR schedule 'cosine': peak must be a finite number >= 0, got -1.0"):
+        freezing.resolve(FreezingSchedule((Phase(10, rules="full", learning_rate=spec),)), clf)
+    with pytest.raises(ValueError, match="warmup_steps <= the phase's 10 steps"):
+        freezing.lr_schedule({"schedule": "cosine", "peak": 1.0, "warmup_steps": 20}, 10)
 
 
 def test_compilation_cache_persists_programs(tmp_path):
     import os
 
-    from tljax.train import enable_compilation_cache
+    from tljax.engine import enable_compilation_cache
 
     assert enable_compilation_cache(str(tmp_path)) == str(tmp_path)
     jax.jit(lambda x: jnp.cos(x) @ x.T * 3.0)(jnp.ones((8, 8))).block_until_ready()

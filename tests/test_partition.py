@@ -39,7 +39,7 @@ def _flat_np(params):
 def test_adam_state_holds_exactly_the_trainable_params(clf):
     part = P.build(clf.params, rules.top_k(clf, 1), learning_rate=1e-3, weight_decay=0.01)
     state = part.tx.init(clf.params)
-    assert P.state_nbytes(state) == 2 * part.nbytes(trainable=True)
+    assert P.state_nbytes(state) == 2 * part.nbytes("train")
     assert part.nbytes(True) + part.nbytes(False) == tree.nbytes(clf.params)
     full = P.build(clf.params, rules.full(clf), learning_rate=1e-3)
     assert P.state_nbytes(full.tx.init(clf.params)) == 2 * tree.nbytes(clf.params)
@@ -286,3 +286,29 @@ VIT_LLRD = {  # tiny ViT: 2 blocks, depth = 3; multiplier = decay ** (3 - layer_
 
 def test_llrd_vit_table(tiny_vit):
     assert_llrd_table(tiny_vit, VIT_LLRD)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"learning_rate": -1e-3}, "learning_rate must be a finite number >= 0, got -0.001"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0, got nan"),
+        ({"learning_rate": "1e-3"}, "learning_rate must be a finite number >= 0, got '1e-3'"),
+        ({"learning_rate": 1e-3, "weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        ({"learning_rate": 1e-3, "clip_norm": 0.0}, "clip_norm must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_bad_learning_rates_and_strengths_are_errors(clf, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        P.build(clf.params, rules.full(clf), **kwargs)
+
+
+def test_bad_rule_fields_and_regexes_are_errors(clf):
+    with pytest.raises(ValueError, match="lr_mult must be a finite number >= 0, got -1"):
+        P.build(clf.params, [(".*", {"lr_mult": -1})], learning_rate=1e-3)
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got nan"):
+        P.train(lr=float("nan"))
+    with pytest.raises(ValueError, match=r"rule 1: invalid regex 'layer_\[1': unterminated character set"):
+        P.build(clf.params, [("^head/", "train"), ("layer_[1", "train"), (".*", None)], learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"no_decay: invalid regex '\(bias'"):
+        P.build(clf.params, rules.full(clf), learning_rate=1e-3, no_decay=["(bias"])

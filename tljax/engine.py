@@ -1,20 +1,24 @@
-"""The training engine: one code path for a laptop CPU, one GPU and a TPU pod slice.
+"""The training engine: the one loop, for a notebook, a laptop CPU, one GPU and a TPU pod slice.
 
     result = engine.fit(loaded, schedule, train_data, EngineConfig(workdir="runs/x", parallel="data"))
 
-- Parallelism over a 1-D `Mesh` ("data", "fsdp") with explicit shardings and donated state, or `pmap`.
+- First, parameters the task's loss never reaches are found (`task.unused_params`) and the freezing schedule is
+  resolved once into a `freezing.Plan` (each phase's span and partition); the loop, checkpoints and resume read it.
+- Parallelism over a 1-D `Mesh` ("data", "fsdp") with explicit shardings; the state is built inside jit with its
+  output shardings (FSDP never assembles it on one device) and donated to every step. Or `pmap`.
 - Multi-host: call `initialize_distributed()` first; `train_data(step)` yields this process's rows only.
-- Orbax checkpoints (periodic, final, on SIGTERM), resumed automatically from the work directory, onto any device
-  count; the freezing schedule's phase and optimizer-state structure follow from the restored step.
+- Orbax checkpoints (periodic, at evaluations for best-by-metric, final, on preemption), resumed automatically from
+  the work directory onto any device count; a damaged newest checkpoint falls back to an older one.
 - Metrics to `metrics.jsonl`, TensorBoard and a tqdm bar (process 0); a NaN/inf loss stops the run and leaves the
-  last good checkpoint as the latest one.
+  last good checkpoint as the latest one; labels outside the model's classes stop it before the step.
+- `workdir=None` trains in memory (no checkpoints, no files): notebooks and ablation loops.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -25,14 +29,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tljax import freezing, parallel, partition
+from tljax import evaluation, freezing, partition, task
 from tljax.checkpoints import CheckpointConfig, Checkpoints, abstract_with_shardings
+from tljax.fields import from_fields
+from tljax.losses import classification_loss
 from tljax.metrics import MetricWriter
-from tljax.parallel import FSDP_MIN_SIZE
-from tljax.step import TrainState, classification_loss, make_train_step, model_inputs
-from tljax.train import PhaseRecord, abstract_state, enter_phase, resume_partition, state_for_phase
+from tljax.parallel import FSDP_MIN_SIZE, Placement
+from tljax.step import TrainState, init_state, make_train_step
 
 log = logging.getLogger("tljax")
 
@@ -46,7 +50,8 @@ class EngineConfig:
     """How to train (what to train is the model and the freezing schedule).
 
     Attributes:
-      workdir: checkpoints/, metrics.jsonl and tensorboard/ go here; an existing run in it is resumed.
+      workdir: checkpoints/, metrics.jsonl and tensorboard/ go here; an existing run in it is resumed. None: train
+        in memory, write nothing.
       parallel: "data" (default), "fsdp" or "pmap" (see `tljax.parallel`).
       devices: use only the first N global devices (None: all).
       fsdp_min_size: under "fsdp", arrays with fewer elements stay replicated.
@@ -55,9 +60,11 @@ class EngineConfig:
       log_every / eval_every: steps between metric lines / evaluations (0: eval only at the end).
       checkpoint: `CheckpointConfig` (every, keep, best_metric, ...).
       steps_per_epoch: resolves phases given in epochs.
+      frozen_batchnorm: "inference" (BatchNorm layers a phase freezes use and keep their running statistics, as
+        Keras does) or "train" (batch statistics, updated running statistics).
     """
 
-    workdir: str
+    workdir: str | None = None
     parallel: str = "data"
     devices: int | None = None
     fsdp_min_size: int = FSDP_MIN_SIZE
@@ -70,26 +77,39 @@ class EngineConfig:
     steps_per_epoch: int | None = None
     progress: bool = True
     tensorboard: bool = True
+    frozen_batchnorm: str = "inference"
 
     @classmethod
     def from_config(cls, cfg) -> EngineConfig:
         """From an ml_collections ConfigDict / dict; unknown keys are an error."""
         cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - valid)
-        if unknown:
-            raise ValueError(f"unknown engine config key(s) {unknown}; valid keys: {sorted(valid)}")
         if isinstance(cfg.get("checkpoint"), Mapping):
-            cfg["checkpoint"] = CheckpointConfig(**cfg["checkpoint"])
-        return cls(**cfg)
+            cfg["checkpoint"] = from_fields(CheckpointConfig, cfg["checkpoint"], "checkpoint config key")
+        return from_fields(cls, cfg, "engine config key")
+
+
+@dataclass
+class PhaseRecord:
+    """What happened in one phase: its span, trainable size, compile and step times, last metrics."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    trainable_params: int
+    opt_state_bytes: int
+    compile_seconds: float
+    step_seconds: float
+    metrics: dict
 
 
 @dataclass
 class FitResult:
-    state: TrainState  # host-addressable (unreplicated under pmap)
+    state: TrainState  # on the host (pmap: the first replica)
     history: list[PhaseRecord]
     status: str  # "completed" or "preempted"
-    eval: dict
+    eval: dict  # the last evaluation's metrics
+    plan: freezing.Plan
 
 
 def initialize_distributed(**kwargs) -> None:
@@ -100,15 +120,33 @@ def initialize_distributed(**kwargs) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache, so repeated ablation runs do not compile twice.
+
+    Safe to call after other compilations: the cache is reset so the new directory takes effect.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = path or os.environ.get("TLJAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/tljax/jax"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    return path
+
+
 class Preemption:
-    """Turns SIGTERM (a TPU VM preemption notice) into a flag the loop polls; all hosts agree on it."""
+    """Whether to save and stop now. One process: SIGTERM (a preemption notice) sets a flag the loop polls. Several
+    processes: JAX's preemption sync point, at which all hosts agree on the same step without a collective."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._single = jax.process_count() == 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # several processes: JAX's coordination service owns SIGTERM; a Python handler would shadow it
+        if self._single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -116,114 +154,46 @@ class Preemption:
         log.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
 
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
+    def reached(self, step: int) -> bool:
+        if self._single:
             return self.requested
         from jax.experimental import multihost_utils
 
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)
+            return False
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Placement:
-    """Where state and batches live for one parallel mode."""
+def initial_state(loaded, part: partition.Partition, placement: Placement, seed: int = 0) -> TrainState:
+    """A fresh `TrainState` built where it lives: params placed shard by shard, optimizer state created inside jit
+    with output shardings. The state is a copy (steps donate it), so `loaded` stays usable."""
 
-    def __init__(self, mode: str, devices: int | None, fsdp_min_size: int = parallel.FSDP_MIN_SIZE):
-        self.mode = parallel.check_mode(mode)
-        self.fsdp_min_size = fsdp_min_size
-        all_devices = jax.devices()
-        if devices is not None and not 1 <= devices <= len(all_devices):
-            raise ValueError(f"devices={devices} but {len(all_devices)} are available")
-        self.mesh = parallel.make_mesh(all_devices[:devices] if devices else all_devices)
+    def make(params, collections):
+        params, collections = jax.tree.map(jnp.copy, (params, collections))
+        return init_state(params, part.tx, collections, seed=seed)
 
-    def shardings(self, abstract):
-        mode = "data" if self.mode == "pmap" else self.mode
-        return parallel.state_shardings(abstract, self.mesh, mode, self.fsdp_min_size)
-
-    def put_state(self, state):
-        if self.mode == "pmap":
-            return parallel.replicate(jax.device_get(state))
-        return jax.device_put(state, self.shardings(state))
-
-    def host_state(self, state):
-        """A state orbax can save: pmap's first replica, else the sharded state itself."""
-        first = lambda x: x.addressable_data(0).reshape(x.shape[1:])
-        return jax.tree.map(first, state) if self.mode == "pmap" else state
-
-    def batch(self, local: Mapping):
-        return parallel.pmap_batch(local) if self.mode == "pmap" else parallel.global_batch(local, self.mesh)
-
-    def compile(self, step_fn_factory, state, batch):
-        if self.mode == "pmap":
-            pmapped = jax.pmap(step_fn_factory("batch"), axis_name="batch", donate_argnums=0)
-            return pmapped.lower(state, batch).compile()  # compile now, so compile time is measured per phase
-        shardings = self.shardings(state)
-        batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(self.mesh), batch)
-        jitted = jax.jit(
-            step_fn_factory(None),
-            in_shardings=(shardings, batch_sh),
-            out_shardings=(shardings, parallel.replicated(self.mesh)),
-            donate_argnums=0,
-        )
-        return jitted.lower(state, batch).compile()
-
-    def examples(self, batch) -> int:
-        """Global examples in a placed batch."""
-        shape = next(iter(batch.values())).shape
-        return shape[0] * shape[1] * jax.process_count() if self.mode == "pmap" else shape[0]
-
-    def metrics(self, metrics):
-        return jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
+    if placement.mode != "pmap":
+        sh = placement.shardings(jax.eval_shape(make, loaded.params, loaded.state))
+        return placement.build(make, *jax.device_put((loaded.params, loaded.state), (sh.params, sh.collections)))
+    return placement.build(make, loaded.params, loaded.state)
 
 
-def make_eval_step(model, *, top_k: int = 5):
-    """`eval_step(params, collections, batch) -> sums` of loss, correct, top-k correct and examples.
-
-    Sums (not means) so batches of any size aggregate exactly; an optional `mask` in the batch drops padding rows.
-    """
-
-    def eval_step(params, collections, batch):
-        out = model.apply({"params": params, **collections}, **model_inputs(_unmasked(batch)))
-        logits, labels = out["logits"].astype(jnp.float32), batch["labels"]
-        mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
-        losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-        k = min(top_k, logits.shape[-1])
-        in_top = (jax.lax.top_k(logits, k)[1] == labels[:, None]).any(-1)
-        return {
-            "loss": (losses * mask).sum(),
-            "correct": ((logits.argmax(-1) == labels) * mask).sum(),
-            f"top{k}_correct": (in_top * mask).sum(),
-            "count": mask.sum(),
-        }
-
-    return eval_step
-
-
-def _unmasked(batch):
-    return {k: v for k, v in batch.items() if k != "mask"}
-
-
-def evaluate(eval_step, params, collections, batches: Iterable[Mapping], placement: _Placement) -> dict:
-    """Runs `eval_step` over all batches and turns the sums into loss / accuracy / top-k accuracy."""
-    totals: dict[str, float] = {}
-    for local in batches:
-        sums = eval_step(params, collections, parallel.global_batch(local, placement.mesh))
-        for k, v in jax.device_get(sums).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    n = max(totals.pop("count", 0.0), 1.0)
-    out = {"loss": totals.pop("loss", math.nan) / n, "accuracy": totals.pop("correct", 0.0) / n}
-    out.update({k.replace("_correct", "_accuracy"): v / n for k, v in totals.items()})
-    return out
+def abstract_state(loaded, plan: freezing.Plan, step: int) -> TrainState:
+    """Shapes and dtypes of the `TrainState` saved after `step` steps of `plan` (a restore target)."""
+    part = plan.phases[plan.producing_phase(step)].partition
+    return jax.eval_shape(lambda: init_state(loaded.params, part.tx, loaded.state))
 
 
 def fit(
     loaded,
     schedule: freezing.FreezingSchedule,
-    train_data: Callable[[int], Iterator[Mapping]],
-    config: EngineConfig,
+    train_data: Callable[[int], Iterator[Mapping]] | Iterable[Mapping],
+    config: EngineConfig = EngineConfig(),
     *,
     eval_data: Callable[[], Iterable[Mapping]] | None = None,
     loss_fn: Callable = classification_loss,
@@ -231,8 +201,10 @@ def fit(
     """Trains through `schedule`, resuming from `config.workdir` if it holds checkpoints.
 
     Args:
-      train_data: `train_data(step)` -> iterator of this process's batches starting at global `step`.
+      train_data: `train_data(step)` -> iterator of this process's batches starting at global `step` (resumable);
+        or an iterable of batches, for runs that start at step 0.
       eval_data: `eval_data()` -> iterable of this process's eval batches (labels, optional `mask`).
+      loss_fn: `loss_fn(outputs, batch) -> (loss, metrics)`.
     """
     run = _Run(loaded, schedule, train_data, config, eval_data, loss_fn)
     try:
@@ -241,111 +213,170 @@ def fit(
         run.close()
 
 
+def _iterator(train_data, start: int) -> Iterator[Mapping]:
+    if callable(train_data):
+        return iter(train_data(start))
+    if start:
+        raise ValueError(
+            f"resuming at step {start} needs train_data as a function of the start step (train_data(step) -> "
+            "iterator), so the run sees the batches an uninterrupted one would; an iterable cannot be rewound"
+        )
+    return iter(train_data)
+
+
 class _Run:
     """The state of one `fit` call; methods are the loop's steps."""
 
     def __init__(self, loaded, schedule, train_data, config: EngineConfig, eval_data, loss_fn):
         self.loaded, self.schedule, self.config = loaded, schedule, config
         self.train_data, self.eval_data, self.loss_fn = train_data, eval_data, loss_fn
-        freezing.validate(schedule, loaded, config.steps_per_epoch)
-        self.place = _Placement(config.parallel, config.devices, config.fsdp_min_size)
-        self.spe = config.steps_per_epoch
-        self.total = schedule.total_steps(self.spe)
-        self.ckpts = Checkpoints(Path(config.workdir) / "checkpoints", config.checkpoint)
-        self.start = self.ckpts.latest_step() or 0
-        self.writer = MetricWriter(
-            config.workdir,
-            total_steps=self.total,
-            initial_step=self.start,
-            progress=config.progress,
-            tensorboard=config.tensorboard,
-        )
-        self.eval_step = jax.jit(make_eval_step(loaded.model))
+        self.place = Placement(config.parallel, config.devices, config.fsdp_min_size)
+        self.ckpts = None
+        if config.workdir is not None:
+            self.ckpts = Checkpoints(Path(config.workdir) / "checkpoints", config.checkpoint)
+        self.writer = None
+        self.eval_step = jax.jit(evaluation.make_eval_step(loaded.model))
         self.history: list[PhaseRecord] = []
         self.last_eval: dict = {}
-        self.saved_step = self.start if self.start else None
 
     def close(self):
-        self.ckpts.wait()
-        self.ckpts.close()
-        self.writer.close()
+        if self.ckpts is not None:
+            self.ckpts.wait()
+            self.ckpts.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def train(self) -> FitResult:
-        state = self._restore(self.start) if self.start else None
-        index, status = self.schedule.phase_at(self.start, self.spe), "completed"
-        previous = resume_partition(
-            self.loaded, self.schedule, self.start, steps_per_epoch=self.spe, **self.config.optimizer
+        candidate = (self.ckpts.latest_step() or 0) if self.ckpts else 0
+        data = _iterator(self.train_data, candidate)
+        first = self._next(data, candidate)
+        self.plan, self.classes = self._resolve(first)
+        start, state = self._restore()
+        if start != candidate:  # the newest checkpoint was damaged: restart the data where the restored one was
+            data = _iterator(self.train_data, start)
+            first = self._next(data, start)
+        self.saved_step = start or None
+        self.writer = MetricWriter(
+            self.config.workdir,
+            total_steps=self.plan.total_steps,
+            initial_step=start,
+            progress=self.config.progress,
+            tensorboard=self.config.tensorboard,
         )
-        data = self.train_data(self.start)
-        with Preemption() as preemption:
-            while index < len(self.schedule.phases) and status == "completed":
-                part = state_for_phase(
-                    self.loaded, self.schedule, index, steps_per_epoch=self.spe, **self.config.optimizer
-                )
-                state = self._enter(state, previous, part)
-                state, status = self._phase(index, part, state, data, preemption)
-                previous, index = part, index + 1
+        index, status = self.plan.phase_at(start), "completed"
+        previous = self.plan.phases[self.plan.producing_phase(start)].partition if start else None
+        with Preemption() as self.preemption:
+            while index < len(self.plan.phases) and status == "completed":
+                phase = self.plan.phases[index]
+                state = self._enter(state, previous, phase.partition)
+                state, status = self._phase(phase, state, data, first)
+                previous, index, first = phase.partition, index + 1, None
         host = self.place.host_state(state)
-        if self.saved_step != int(host.step):
-            self._save(host)
-        self.ckpts.wait()
-        return FitResult(jax.device_get(host), self.history, status, self.last_eval)
+        if self.ckpts and self.saved_step != int(host.step):
+            self._save(host, None)
+        if self.ckpts:
+            self.ckpts.wait()
+        return FitResult(jax.device_get(host), self.history, status, self.last_eval, self.plan)
 
-    def _restore(self, step: int):
-        abstract = abstract_state(self.loaded, self.schedule, step, steps_per_epoch=self.spe, **self.config.optimizer)
-        target = abstract_with_shardings(abstract, self.place.shardings(abstract))
+    def _resolve(self, batch):
+        """Unused parameters, number of classes and the plan, from the model, the loss and one batch's shapes."""
+        loaded, c = self.loaded, self.config
+        unused = task.unused_params(loaded.model, loaded.params, batch, collections=loaded.state, loss_fn=self.loss_fn)
+        classes = task.num_classes(loaded.model, loaded.params, batch, collections=loaded.state)
+        plan = freezing.resolve(self.schedule, loaded, steps_per_epoch=c.steps_per_epoch, unused=unused, **c.optimizer)
+        if unused:
+            log.info("%d parameter(s) are not reached by the loss and stay frozen: %s", len(unused), sorted(unused)[:8])
+        return plan, classes
+
+    def _restore(self):
+        if self.ckpts is None:
+            return 0, None
+
+        def target(step):
+            abstract = abstract_state(self.loaded, self.plan, step)
+            return abstract_with_shardings(abstract, self.place.shardings(abstract))
+
+        step, state = self.ckpts.restore_newest(target)
+        if step is None:
+            return 0, None
         log.info("resuming from step %d (%s)", step, self.ckpts.directory)
-        return self.place.put_state(self.ckpts.restore(step, target))  # pmap: back to per-device replicas
+        return step, self.place.put_state(state) if self.place.mode == "pmap" else state
 
     def _enter(self, state, previous, part):
-        host = None if state is None else self.place.host_state(state)
-        return self.place.put_state(enter_phase(host, previous, part, self.loaded, self.config.seed))
+        """The state a phase starts from: fresh, resumed as is, or with optimizer state carried over."""
+        if state is None:
+            return initial_state(self.loaded, part, self.place, self.config.seed)
+        if previous is None or previous is part:  # resumed inside this phase: the state already has its layout
+            return state
+        carry = lambda s: s.replace(opt_state=partition.carry_state(s.opt_state, previous, part, s.params))
+        if self.place.mode == "pmap":
+            return self.place.put_state(carry(jax.device_get(self.place.host_state(state))))
+        return self.place.build(carry, state)
 
-    def _phase(self, index, part, state, data, preemption):
-        phase, begin = self.schedule.phases[index], int(self.place.host_state(state).step)
-        stop = self.schedule.starts(self.spe)[index] + self.schedule.lengths(self.spe)[index]
-        batch = self.place.batch(next(data))
+    def _next(self, data, step: int) -> Mapping:
+        try:
+            return next(data)
+        except StopIteration:
+            raise ValueError(
+                f"train_data ran out of batches at step {step}: make it yield as many batches as the schedule "
+                "has steps (repeat epochs)"
+            ) from None
+
+    def _placed(self, batch, step: int):
+        task.check_labels(batch, self.classes, where=f"training batch for step {step}")
+        return self.place.batch(batch)
+
+    def _phase(self, phase: freezing.PlannedPhase, state, data, first):
+        begin = int(self.place.host_state(state).step)
+        part = phase.partition
+        batch = self._placed(first if first is not None else self._next(data, begin), begin)
         factory = lambda axis: make_train_step(
-            self.loaded.model, part, self.loss_fn, accumulate=self.config.accumulate, axis_name=axis
+            self.loaded.model,
+            part,
+            self.loss_fn,
+            accumulate=self.config.accumulate,
+            axis_name=axis,
+            frozen_batchnorm=self.config.frozen_batchnorm,
         )
         t0 = time.perf_counter()
         step_fn = self.place.compile(factory, state, batch)
         compile_s = time.perf_counter() - t0
         log.info(
             "phase %d (%s): steps %d-%d, %s trainable, compiled in %.2fs",
-            index,
+            phase.index,
             phase.name,
             begin,
-            stop,
-            f"{part.count(True):,}",
+            phase.stop,
+            f"{part.count('train'):,}",
             compile_s,
         )
         t0, pending, metrics, status = time.perf_counter(), [], {}, "completed"
-        for s in range(begin, stop):
+        for s in range(begin, phase.stop):
             if s > begin:
-                batch = self.place.batch(next(data))
+                batch = self._placed(self._next(data, s), s)
             state, out = step_fn(state, batch)
             pending.append((s + 1, self.place.metrics(out)))
             if len(pending) > 1:  # check one step behind, so the host never stalls the device queue
                 metrics = self._check(*pending.pop(0))
-            if self._due(s + 1, stop) or preemption.agreed():
+            preempted = self.preemption.reached(s + 1)
+            if self._due(s + 1, phase.stop) or preempted:
                 metrics = self._flush(pending, batch)
-                status = self._periodic(s + 1, state, preemption)
+                status = self._periodic(s + 1, state, preempted)
                 if status == "preempted":
                     break
         metrics = self._flush(pending, batch) or metrics
         jax.block_until_ready(state)
-        per_step = (time.perf_counter() - t0) / max(1, int(self.place.host_state(state).step) - begin)
+        end = int(self.place.host_state(state).step)
         self.history.append(
             PhaseRecord(
-                index,
+                phase.index,
                 phase.name,
                 begin,
-                int(self.place.host_state(state).step),
-                part.count(True),
+                end,
+                part.count("train"),
                 partition.state_nbytes(self.place.host_state(state).opt_state),
                 compile_s,
-                per_step,
+                (time.perf_counter() - t0) / max(1, end - begin),
                 metrics,
             )
         )
@@ -360,8 +391,8 @@ class _Run:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
         if bad:
-            latest = self.ckpts.latest_step()
-            where = f"step {latest} in {self.ckpts.directory}" if latest is not None else "none yet"
+            latest = self.ckpts.latest_step() if self.ckpts else None
+            where = f"step {latest} in {self.ckpts.directory}" if latest is not None else "none"
             what = ", ".join(f"{k} is {v}" for k, v in bad.items())
             raise NonFiniteLossError(
                 f"{what} at step {step}: training stopped. Last good checkpoint: {where} "
@@ -379,26 +410,41 @@ class _Run:
                 self.writer.write(step, "train", metrics, **extra)
         return metrics
 
-    def _periodic(self, step: int, state, preemption) -> str:
+    def _periodic(self, step: int, state, preempted: bool) -> str:
+        """Evaluation and checkpoint at `step`; eval metrics go only with the checkpoint of the step they measured."""
         c = self.config
-        if self.eval_data is not None and (step == self.total or (c.eval_every and step % c.eval_every == 0)):
-            self._evaluate(step, state)
-        if preemption.agreed():
-            self._save(self.place.host_state(state))
-            self.ckpts.wait()
+        final = step == self.plan.total_steps
+        measured = None
+        if self.eval_data is not None and (final or (c.eval_every and step % c.eval_every == 0)):
+            measured = self._evaluate(step, state)
+        periodic = c.checkpoint.every and step % c.checkpoint.every == 0
+        at_eval = measured is not None and c.checkpoint.best_metric is not None
+        if self.ckpts and (periodic or at_eval or final or preempted):
+            self._save(self.place.host_state(state), measured)
+        if preempted:
+            if self.ckpts:
+                self.ckpts.wait()
             return "preempted"
-        if c.checkpoint.every and step % c.checkpoint.every == 0:
-            self._save(self.place.host_state(state))
         return "completed"
 
-    def _evaluate(self, step: int, state):
-        host = self.place.host_state(state)
-        if self.place.mode == "pmap":
-            host = jax.device_put(jax.device_get(host), parallel.replicated(self.place.mesh))
-        self.last_eval = evaluate(self.eval_step, host.params, host.collections, self.eval_data(), self.place)
+    def _evaluate(self, step: int, state) -> dict:
+        params, collections = self.place.for_eval(state)
+        self.last_eval = evaluation.evaluate(
+            self.loaded,
+            self.eval_data(),
+            params=params,
+            collections=collections,
+            mesh=self.place.mesh,
+            eval_step=self.eval_step,
+            num_classes=self.classes,
+        )
         self.writer.write(step, "eval", self.last_eval)
+        return self.last_eval
 
-    def _save(self, host_state):
+    def _save(self, host_state, measured: dict | None):
         step = int(host_state.step)
-        self.ckpts.save(step, host_state, self.last_eval if self.config.checkpoint.best_metric else None)
+        best = self.config.checkpoint.best_metric
+        if best and measured is not None and best not in measured:
+            raise ValueError(f"checkpoint best_metric {best!r} is not an eval metric; eval gives {sorted(measured)}")
+        self.ckpts.save(step, host_state, measured if best else None)
         self.saved_step = step

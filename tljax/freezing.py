@@ -7,6 +7,7 @@ schedule spec). Built-ins cover the literature:
     sched = freezing.get("lp_ft", loaded, probe_steps=500, ft_steps=2000, probe_lr=1e-3, ft_lr=1e-5)
     sched = freezing.get("gradual_unfreeze", loaded, steps_per_stage=300, lr=1e-4, decay=1 / 2.6)  # ULMFiT
     cfg = sched.to_config(); same = FreezingSchedule.from_config(cfg)   # sweeps enumerate configs
+    plan = freezing.resolve(sched, loaded, steps_per_epoch=100)          # each phase's span and partition
 
 At a phase boundary the partition is rebuilt (frozen parameters keep costing nothing) and the optimizer state
 carries over per parameter (`partition.carry_state`): groups trainable on both sides keep moments and counts,
@@ -25,7 +26,8 @@ from typing import Any
 import ml_collections
 import optax
 
-from tljax import partition, rules, tree
+from tljax import partition, rules
+from tljax.fields import from_fields
 
 
 @dataclass(frozen=True)
@@ -76,22 +78,8 @@ class FreezingSchedule:
     def lengths(self, steps_per_epoch: int | None = None) -> list[int]:
         return [p.length(steps_per_epoch) for p in self.phases]
 
-    def starts(self, steps_per_epoch: int | None = None) -> list[int]:
-        """First global step of each phase."""
-        out, at = [], 0
-        for n in self.lengths(steps_per_epoch):
-            out.append(at)
-            at += n
-        return out
-
     def total_steps(self, steps_per_epoch: int | None = None) -> int:
         return sum(self.lengths(steps_per_epoch))
-
-    def phase_at(self, step: int, steps_per_epoch: int | None = None) -> int:
-        """Index of the phase that global `step` belongs to (len(phases) once the schedule is done)."""
-        return sum(1 for s in self.starts(steps_per_epoch)[1:] if step >= s) + (
-            step >= self.total_steps(steps_per_epoch)
-        )
 
     def to_config(self) -> ml_collections.ConfigDict:
         """Plain-data form for configs and sweeps (LRs must be floats or specs, not callables)."""
@@ -123,15 +111,11 @@ def _rule_data(r):
 
 def _phase_from(d: Mapping) -> Phase:
     d = dict(d)
-    valid = {f.name for f in dataclasses.fields(Phase)}
-    unknown = sorted(set(d) - valid)
-    if unknown:
-        raise ValueError(f"unknown phase field(s) {unknown}; valid fields: {sorted(valid)}")
     if not isinstance(d.get("rules", "full"), str):
         d["rules"] = tuple((rx, r) for rx, r in d["rules"])
     if isinstance(d.get("learning_rate"), Mapping):
         d["learning_rate"] = dict(d["learning_rate"])
-    return Phase(**d)
+    return from_fields(Phase, d, "phase field")
 
 
 def lr_schedule(spec: float | Mapping[str, Any], steps: int):
@@ -140,13 +124,18 @@ def lr_schedule(spec: float | Mapping[str, Any], steps: int):
     {"schedule": "constant", "value": v} | {"schedule": "cosine", "peak": v, "warmup_steps": w, "end_value": e}
     | {"schedule": "linear", "init": a, "end": b} | {"schedule": "slanted_triangular", "peak": v,
     "cut_frac": 0.1, "ratio": 32} (ULMFiT: linear rise over cut_frac of the phase, then linear decay to peak/ratio).
+    Every number must be finite and >= 0 (a negative or NaN learning rate is an error, never a silent ascent).
     """
-    if isinstance(spec, int | float):
-        return float(spec)
+    if not isinstance(spec, Mapping):
+        return partition.check_number("learning rate", spec)
     spec = dict(spec)
     kind = spec.pop("schedule", None)
     if kind not in LR_SCHEDULES:
         raise ValueError(f"unknown LR schedule {kind!r}; choose one of {sorted(LR_SCHEDULES)}")
+    for key, value in spec.items():
+        partition.check_number(f"LR schedule {kind!r}: {key}", value, positive=key == "ratio")
+    if spec.get("warmup_steps", 0) > steps or not 0 < spec.get("cut_frac", 0.5) <= 1:
+        raise ValueError(f"LR schedule {kind!r}: need warmup_steps <= the phase's {steps} steps and 0 < cut_frac <= 1")
     try:
         return LR_SCHEDULES[kind](steps, **spec)
     except TypeError as e:
@@ -170,45 +159,81 @@ LR_SCHEDULES: dict[str, Callable] = {
 }
 
 
-def trainable_paths(rule_list, params) -> set[str]:
-    """Paths that a rule list trains (no optax involved)."""
-    paths = list(tree.flatten(params))
-    owner = partition.assign(paths, rule_list)
-    return {p for p, o in zip(paths, owner, strict=True) if partition.as_rule(rule_list[o][1]).trainable}
+@dataclass(frozen=True)
+class PlannedPhase:
+    """One phase of a resolved schedule: global steps [start, stop) and the partition they train under."""
+
+    index: int
+    name: str
+    start: int
+    stop: int
+    partition: partition.Partition
 
 
-def ages_at_phase(schedule: FreezingSchedule, index: int, loaded, params, steps_per_epoch=None) -> dict[str, int]:
-    """Optimizer steps each parameter has taken without interruption when phase `index` begins."""
-    ages: dict[str, int] = {}
+@dataclass(frozen=True)
+class Plan:
+    """A schedule resolved once against one model, task and epoch length; the loop, checkpoints and resume read it.
+
+    Each phase's partition groups parameters by age (consecutive optimizer steps before the phase), so optimizer
+    state carries over exactly (`partition.carry_state`) and a state's structure follows from its step alone.
+    """
+
+    schedule: FreezingSchedule
+    phases: tuple[PlannedPhase, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].stop
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that global `step` belongs to (len(phases) once the schedule is done)."""
+        return next((p.index for p in self.phases if step < p.stop), len(self.phases))
+
+    def producing_phase(self, step: int) -> int:
+        """The phase whose partition shaped the state saved after `step` steps: the one that ran step - 1 (at a
+        phase boundary, the phase before `phase_at(step)`)."""
+        return self.phase_at(max(step - 1, 0))
+
+    def summary(self) -> str:
+        """One line per phase: span and trainable / frozen / unused parameter counts."""
+        lines = [f"{'phase':<14} {'steps':>13} {'trainable':>12} {'frozen':>12} {'unused':>10}"]
+        for p in self.phases:
+            part = p.partition
+            lines.append(
+                f"{p.name[:14]:<14} {f'{p.start}-{p.stop}':>13} {part.count('train'):>12,} "
+                f"{part.count('frozen'):>12,} {part.count('unused'):>10,}"
+            )
+        return "\n".join(lines)
+
+
+def resolve(
+    schedule: FreezingSchedule, loaded, *, steps_per_epoch: int | None = None, unused=(), **build_kwargs
+) -> Plan:
+    """Resolves every phase against the model now (a bad phase fails before any training).
+
+    Args:
+      steps_per_epoch: resolves phases given in epochs.
+      unused: parameter paths the task's loss never reaches (`tljax.task.unused_params`): frozen in every phase.
+      build_kwargs: passed to `partition.build` for every phase (optimizer, weight_decay, clip_norm, ...).
+    """
     lengths = schedule.lengths(steps_per_epoch)
-    for j in range(index):
-        trained = trainable_paths(schedule.phases[j].resolve_rules(loaded), params)
-        ages = {p: ages.get(p, 0) + lengths[j] for p in trained}
-    return ages
-
-
-def partition_for(schedule: FreezingSchedule, index: int, loaded, params, *, steps_per_epoch=None, **build_kwargs):
-    """The `Partition` of phase `index`, grouped by age so optimizer state can carry over exactly."""
-    phase = schedule.phases[index]
-    steps = phase.length(steps_per_epoch)
-    return partition.build(
-        params,
-        phase.resolve_rules(loaded),
-        learning_rate=lr_schedule(phase.learning_rate, steps),
-        ages=ages_at_phase(schedule, index, loaded, params, steps_per_epoch),
-        **build_kwargs,
-    )
-
-
-def validate(schedule: FreezingSchedule, loaded, steps_per_epoch=None) -> None:
-    """Resolves every phase against the model now, so a bad phase fails before any training."""
-    schedule.lengths(steps_per_epoch)
-    for i, phase in enumerate(schedule.phases):
+    phases, ages, start = [], {}, 0
+    for i, (phase, n) in enumerate(zip(schedule.phases, lengths, strict=True)):
         try:
-            trainable_paths(phase.resolve_rules(loaded), loaded.params)
-            lr_schedule(phase.learning_rate, phase.length(steps_per_epoch))
-        except ValueError as e:
+            part = partition.build(
+                loaded.params,
+                phase.resolve_rules(loaded),
+                learning_rate=lr_schedule(phase.learning_rate, n),
+                ages=ages,
+                unused=unused,
+                **build_kwargs,
+            )
+        except (ValueError, TypeError) as e:
             raise ValueError(f"phase {i} ({phase.name or phase.rules!r}) of schedule {schedule.name!r}: {e}") from e
+        phases.append(PlannedPhase(i, phase.name or f"phase_{i}", start, start + n, part))
+        trained = {p for g in part.groups if g.rule.trainable for p in g.paths}
+        ages, start = {p: ages.get(p, 0) + n for p in trained}, start + n
+    return Plan(schedule, tuple(phases))
 
 
 # ---- built-in schedules -------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Run metrics: JSONL file and TensorBoard event files in the work directory, a tqdm bar on the console.
 
-Only process 0 writes (on several hosts every process computes the same global metrics).
+Only process 0 writes (on several hosts every process computes the same global metrics); without a work directory
+only the bar is shown.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class MetricWriter:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: str | Path | None,
         *,
         total_steps: int,
         initial_step: int = 0,
@@ -26,28 +27,32 @@ class MetricWriter:
         tensorboard: bool = True,
     ):
         self.enabled = jax.process_index() == 0
-        self.workdir = Path(workdir)
         self._file = self._tb = self._bar = None
         if not self.enabled:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        if workdir is not None:
+            self._open_files(Path(workdir), tensorboard)
         if progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
         self._last = (time.perf_counter(), initial_step)
 
+    def _open_files(self, workdir: Path, tensorboard: bool) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
     def write(self, step: int, split: str, metrics: dict, **extra) -> None:
         if not self.enabled:
             return
         row = {"step": step, "split": split, **{k: _num(v) for k, v in metrics.items()}, **extra}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, int | float) and k != "step":

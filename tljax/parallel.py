@@ -92,6 +92,80 @@ def replicate(tree):
     return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
 
-def unreplicate(tree):
-    """The first device's copy of a pmap-replicated pytree."""
-    return jax.tree.map(lambda x: x[0], tree)
+class Placement:
+    """Where a training state and its batches live for one parallel mode, and how a step compiles for it."""
+
+    def __init__(self, mode: str = "data", devices: int | None = None, fsdp_min_size: int = FSDP_MIN_SIZE):
+        self.mode = check_mode(mode)
+        self.fsdp_min_size = fsdp_min_size
+        all_devices = jax.devices()
+        if devices is not None and not 1 <= devices <= len(all_devices):
+            raise ValueError(f"devices={devices} but {len(all_devices)} are available")
+        self.mesh = make_mesh(all_devices[:devices] if devices else all_devices)
+
+    def shardings(self, abstract):
+        """Shardings for a state tree on the mesh (pmap keeps per-device replicas and uses the data layout)."""
+        return state_shardings(abstract, self.mesh, "data" if self.mode == "pmap" else self.mode, self.fsdp_min_size)
+
+    def build(self, make, *args):
+        """`make(*args)` computed where its result lives: inside jit with output shardings, so a state that does
+        not fit one device (FSDP) is never assembled on one. pmap: computed once, then replicated."""
+        if self.mode == "pmap":
+            return replicate(jax.device_get(jax.jit(make)(*args)))
+        shardings = self.shardings(jax.eval_shape(make, *args))
+        return jax.jit(make, out_shardings=shardings)(*args)
+
+    def put_state(self, state):
+        """A host (or differently placed) state onto this placement."""
+        if self.mode == "pmap":
+            return replicate(jax.device_get(state))
+        return jax.device_put(state, self.shardings(state))
+
+    def host_state(self, state):
+        """A state orbax can save: pmap's first replica, else the (sharded) state itself."""
+        first = lambda x: x.addressable_data(0).reshape(x.shape[1:])
+        return jax.tree.map(first, state) if self.mode == "pmap" else state
+
+    def batch(self, local: Mapping):
+        """This process's rows -> the global batch as the step takes it."""
+        return pmap_batch(local) if self.mode == "pmap" else global_batch(local, self.mesh)
+
+    def compile(self, step_fn_factory, state, batch):
+        """Compiles `step_fn_factory(axis_name)` for this state and batch now (so compile time is measured)."""
+        if self.mode == "pmap":
+            pmapped = jax.pmap(step_fn_factory("batch"), axis_name="batch", donate_argnums=0)
+            return pmapped.lower(state, batch).compile()
+        shardings = self.shardings(state)
+        batch_sh = jax.tree.map(lambda _: batch_sharding(self.mesh), batch)
+        jitted = jax.jit(
+            step_fn_factory(None),
+            in_shardings=(shardings, batch_sh),
+            out_shardings=(shardings, replicated(self.mesh)),
+            donate_argnums=0,
+        )
+        return jitted.lower(state, batch).compile()
+
+    def examples(self, batch) -> int:
+        """Global examples in a placed batch."""
+        shape = next(iter(batch.values())).shape
+        return shape[0] * shape[1] * jax.process_count() if self.mode == "pmap" else shape[0]
+
+    def metrics(self, metrics):
+        return jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
+
+    def for_eval(self, state):
+        """Params and collections laid out for the jitted eval step on the mesh."""
+        host = self.host_state(state)
+        if self.mode == "pmap":
+            host = jax.device_put(jax.device_get(host), replicated(self.mesh))
+        return host.params, host.collections
+
+
+def device_bytes(tree) -> dict[str, int]:
+    """Bytes each device holds of a tree of (sharded) arrays: {device: bytes}."""
+    out: dict[str, int] = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            key = str(shard.device)
+            out[key] = out.get(key, 0) + shard.data.nbytes
+    return out

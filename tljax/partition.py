@@ -12,14 +12,17 @@
 Regexes are searched (`re.search`) in `/`-joined paths such as `encoder/layer_3/attention/query/kernel`; the first
 match wins; every parameter must be covered and every regex must own at least one parameter (a typo must not
 silently freeze or thaw nothing). Frozen groups go through `optax.set_to_zero()`, which is stateless, so they carry
-no optimizer state; `Partition.stop_gradient` marks them inside the loss so no backward work is spent on them.
+no optimizer state; the training step differentiates the trainable parameters only. Parameters the task's loss
+never reaches (`tljax.task.unused_params`) are passed as `unused=`: they are frozen whatever the rules say (no
+weight decay drifts them) and shown as `unused` in the summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,7 @@ import numpy as np
 import optax
 
 from tljax import tree
+from tljax.fields import from_fields
 
 LearningRate = float | Callable[[int], Any]
 
@@ -53,6 +57,26 @@ class Rule:
     weight_decay: float | None = None
     clip_norm: float | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.trainable, bool):
+            raise ValueError(f"rule field trainable must be True or False, got {self.trainable!r}")
+        if self.lr is not None and not callable(self.lr):
+            check_number("lr", self.lr)
+        check_number("lr_mult", self.lr_mult)
+        if self.weight_decay is not None:
+            check_number("weight_decay", self.weight_decay)
+        if self.clip_norm is not None:
+            check_number("clip_norm", self.clip_norm, positive=True)
+
+
+def check_number(name: str, value, *, positive: bool = False) -> float:
+    """A finite real >= 0 (> 0 with `positive`); anything else (negative, NaN, a string) is a ValueError."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        need = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return float(value)
+
 
 FROZEN = Rule(trainable=False)
 TRAIN = Rule()
@@ -74,11 +98,7 @@ def as_rule(spec: Any) -> Rule:
     if isinstance(spec, int | float) and not isinstance(spec, bool):
         return Rule(lr_mult=float(spec))
     if isinstance(spec, Mapping):
-        valid = {f.name for f in dataclasses.fields(Rule)}
-        unknown = sorted(set(spec) - valid)
-        if unknown:
-            raise ValueError(f"unknown rule field(s) {unknown}; valid fields: {sorted(valid)}")
-        return Rule(**dict(spec))
+        return from_fields(Rule, spec, "rule field")
     raise ValueError(
         f"cannot read rule {spec!r}: use a Rule, 'frozen', 'train', an LR multiplier or a dict of "
         f"{[f.name for f in dataclasses.fields(Rule)]}"
@@ -87,7 +107,7 @@ def as_rule(spec: Any) -> Rule:
 
 def assign(paths: Sequence[str], rules: Sequence[tuple[str, Any]]) -> list[int]:
     """Index of the first rule whose regex matches each path; uncovered paths and idle regexes are errors."""
-    compiled = [(re.compile(_pattern(r)), i) for i, r in enumerate(rules)]
+    compiled = [(compile_regex(_pattern(r), f"rule {i}"), i) for i, r in enumerate(rules)]
     owner = [next((i for rx, i in compiled if rx.search(p)), None) for p in paths]
     uncovered = [p for p, o in zip(paths, owner, strict=True) if o is None]
     if uncovered:
@@ -99,6 +119,14 @@ def assign(paths: Sequence[str], rules: Sequence[tuple[str, Any]]) -> list[int]:
     if idle:
         raise ValueError("; ".join(_idle_message(rules[i][0], i, paths, compiled) for i in idle))
     return owner
+
+
+def compile_regex(pattern: str, where: str) -> re.Pattern:
+    """`re.compile` with an error that names the pattern and where it came from."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: invalid regex {pattern!r}: {e}") from e
 
 
 def _pattern(rule_pair) -> str:
@@ -131,6 +159,14 @@ class Group:
     weight_decay: float
     age: int = 0  # optimizer steps its parameters carried in from earlier phases (their optax count)
 
+    @property
+    def state(self) -> str:
+        """ "train", "frozen", or "unused" (never reached by the loss, so frozen whatever the rules say)."""
+        return "unused" if self.label == UNUSED else ("train" if self.rule.trainable else "frozen")
+
+
+UNUSED = "unused"  # label of the group of parameters the loss never reaches
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -146,20 +182,19 @@ class Partition:
         trainable = {g.label for g in self.groups if g.rule.trainable}
         return jax.tree.map(lambda label: label in trainable, self.labels)
 
-    def stop_gradient(self, params):
-        """Wraps frozen leaves in `lax.stop_gradient`: use inside the loss so XLA never builds their backward."""
-        return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable_mask)
+    def count(self, state: str | bool = True) -> int:
+        """Parameters in groups of this state: "train" (or True), "frozen" (or False) or "unused"."""
+        return sum(g.count for g in self._of(state))
 
-    def split(self, params) -> tuple[dict, dict]:
-        """(trainable, frozen) flat dicts of `/`-joined path -> leaf."""
-        flat, mask = tree.flatten(params), tree.flatten(self.trainable_mask)
-        return ({p: v for p, v in flat.items() if mask[p]}, {p: v for p, v in flat.items() if not mask[p]})
+    def nbytes(self, state: str | bool = True) -> int:
+        """Bytes of the parameters in groups of this state (see `count`)."""
+        return sum(g.nbytes for g in self._of(state))
 
-    def count(self, trainable: bool = True) -> int:
-        return sum(g.count for g in self.groups if g.rule.trainable == trainable)
-
-    def nbytes(self, trainable: bool = True) -> int:
-        return sum(g.nbytes for g in self.groups if g.rule.trainable == trainable)
+    def _of(self, state: str | bool) -> list[Group]:
+        state = {True: "train", False: "frozen"}.get(state, state)
+        if state not in ("train", "frozen", UNUSED):
+            raise ValueError(f"state must be 'train', 'frozen' or 'unused', got {state!r}")
+        return [g for g in self.groups if g.state == state]
 
     def rows(self) -> list[dict]:
         """One dict per group (for logging as JSON) with counts, bytes, LR and weight decay."""
@@ -167,6 +202,7 @@ class Partition:
             {
                 "group": g.label,
                 "regex": g.pattern,
+                "state": g.state,
                 "trainable": g.rule.trainable,
                 "params": g.count,
                 "bytes": g.nbytes,
@@ -178,21 +214,23 @@ class Partition:
         ]
 
     def summary(self) -> str:
-        """A table to read before a run: each group, then trainable/frozen totals."""
+        """A table to read before a run: each group, then trainable/frozen/unused totals."""
         head = f"{'group':<10} {'regex':<34} {'state':<9} {'params':>12} {'MiB':>9} {'lr':>10} {'wd':>7}"
         lines = [head, "-" * len(head)]
         for r in self.rows():
             lr = "-" if r["lr"] is None else r["lr"]
             wd = "-" if r["weight_decay"] is None else f"{r['weight_decay']:g}"
             lines.append(
-                f"{r['group']:<10} {_clip(r['regex'], 34):<34} {'train' if r['trainable'] else 'frozen':<9} "
+                f"{r['group']:<10} {_clip(r['regex'], 34):<34} {r['state']:<9} "
                 f"{r['params']:>12,} {r['bytes'] / 2**20:>9.2f} {lr:>10} {wd:>7}"
             )
-        total = self.count(True) + self.count(False)
+        train, total = self.count("train"), sum(g.count for g in self.groups)
+        unused = self.count(UNUSED)
         lines += [
             "-" * len(head),
-            f"trainable {self.count(True):,} of {total:,} parameters ({100 * self.count(True) / max(total, 1):.2f}%),"
-            f" {self.nbytes(True) / 2**20:.2f} MiB; frozen {self.nbytes(False) / 2**20:.2f} MiB",
+            f"trainable {train:,} of {total:,} parameters ({100 * train / max(total, 1):.2f}%),"
+            f" {self.nbytes('train') / 2**20:.2f} MiB; frozen {self.nbytes('frozen') / 2**20:.2f} MiB"
+            + (f"; unused by the loss {unused:,} parameters (kept frozen)" if unused else ""),
         ]
         return "\n".join(lines)
 
@@ -232,6 +270,7 @@ def build(
     no_decay: Sequence[str] = NO_DECAY,
     clip_norm: float | None = None,
     ages: Mapping[str, int] | None = None,
+    unused: Collection[str] = (),
     **optimizer_kwargs,
 ) -> Partition:
     """Resolves `rules` over `params` (arrays or `jax.ShapeDtypeStruct`s) into groups and one optax transform.
@@ -246,17 +285,24 @@ def build(
       clip_norm: clip the global gradient norm of all trainable parameters first.
       ages: per-path optimizer steps already taken (freezing schedules): parameters of different ages get
         separate groups, so moments and step counts carry over exactly with `carry_state`.
+      unused: paths the loss never reaches (`tljax.task.unused_params`): frozen and stateless in any rule set.
       optimizer_kwargs: passed to the optimizer factory (e.g. b1, b2, momentum).
 
     Returns:
       A `Partition` whose `tx` applies each group's optimizer and zeros frozen updates statelessly.
     """
     make = _optimizer_factory(optimizer)
+    if not callable(learning_rate):
+        check_number("learning_rate", learning_rate)
+    check_number("weight_decay", weight_decay)
+    if clip_norm is not None:
+        check_number("clip_norm", clip_norm, positive=True)
     flat = tree.flatten(params)
     paths = list(flat)
+    _check_unused(unused, flat)
     owner = assign(paths, rules)
-    no_decay_res = [re.compile(r) for r in no_decay]
-    groups = _groups(flat, owner, rules, learning_rate, weight_decay, no_decay_res, dict(ages or {}))
+    no_decay_res = [compile_regex(r, "no_decay") for r in no_decay]
+    groups = _groups(flat, owner, rules, learning_rate, weight_decay, no_decay_res, dict(ages or {}), set(unused))
     label_of = {p: g.label for g in groups for p in g.paths}
     labels = tree.map_with_path(lambda p, _: label_of[p], params)
     transforms = {g.label: _group_tx(g, make, optimizer_kwargs) for g in groups}
@@ -264,6 +310,14 @@ def build(
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return Partition(tuple(groups), labels, tx)
+
+
+def _check_unused(unused, flat) -> None:
+    if isinstance(unused, str):
+        raise TypeError(f"unused takes a collection of parameter paths, got the string {unused!r}")
+    unknown = sorted(set(unused) - set(flat))
+    if unknown:
+        raise ValueError(f"unused names {len(unknown)} path(s) that are not parameters: {unknown[:5]}")
 
 
 def _optimizer_factory(optimizer):
@@ -274,36 +328,31 @@ def _optimizer_factory(optimizer):
     return OPTIMIZERS[optimizer]
 
 
-def _groups(flat, owner, rules, learning_rate, weight_decay, no_decay, ages) -> list[Group]:
-    """One group per (rule, decays?, age): parameters that share an optax transform must share its step count."""
+def _groups(flat, owner, rules, learning_rate, weight_decay, no_decay, ages, unused) -> list[Group]:
+    """One group per (rule, decays?, age): parameters that share an optax transform must share its step count.
+    Unused parameters form one frozen group of their own."""
     groups = []
     for i, (pattern, spec) in enumerate(rules):
         rule = as_rule(spec)
         wd = weight_decay if rule.weight_decay is None else rule.weight_decay
         buckets: dict[tuple[bool, int], list[str]] = {}
         for p, o in zip(flat, owner, strict=True):
-            if o == i:
+            if o == i and p not in unused:
                 decay = bool(rule.trainable and wd and not any(r.search(p) for r in no_decay))
                 buckets.setdefault((decay, ages.get(p, 0) if rule.trainable else 0), []).append(p)
         for (decay, age), ps in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
             label = f"g{i}" + ("-nd" if rule.trainable and wd and not decay else "") + (f"@{age}" if age else "")
-            sub = {p: flat[p] for p in ps}
             lr = _group_lr(rule, learning_rate, age)
-            groups.append(
-                Group(
-                    label,
-                    pattern,
-                    rule,
-                    decay,
-                    tuple(ps),
-                    tree.count(sub),
-                    tree.nbytes(sub),
-                    lr,
-                    wd if decay else 0.0,
-                    age,
-                )
-            )
+            groups.append(_group(label, pattern, rule, decay, ps, flat, lr, wd if decay else 0.0, age))
+    if unused:
+        ps = [p for p in flat if p in unused]
+        groups.append(_group(UNUSED, "(not reached by the loss)", FROZEN, False, ps, flat, 0.0, 0.0, 0))
     return groups
+
+
+def _group(label, pattern, rule, decay, ps, flat, lr, wd, age) -> Group:
+    sub = {p: flat[p] for p in ps}
+    return Group(label, pattern, rule, decay, tuple(ps), tree.count(sub), tree.nbytes(sub), lr, wd, age)
 
 
 def _group_lr(rule: Rule, base: LearningRate, age: int = 0) -> LearningRate:
@@ -387,4 +436,4 @@ def _locate(key_path, param_paths) -> tuple[str | None, str, str | None]:
 
 
 def _key_str(k) -> str:
-    return tree.path_str((k,))
+    return jax.tree_util.keystr((k,), simple=True)

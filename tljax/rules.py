@@ -11,8 +11,10 @@ With a head attached the backbone lives under `backbone/` and the head under `he
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
+from tljax import tree
 from tljax.partition import FROZEN, TRAIN, train
 
 RuleList = list[tuple[str, object]]
@@ -38,6 +40,14 @@ def _depth(loaded) -> int:
     return loaded.family.num_layers(loaded.hf_config)
 
 
+def _rest(loaded, listed: RuleList, rule) -> RuleList:
+    """A catch-all for what the listed rules leave (final norm, pooler, head), only if they leave something: a
+    ResNet has nothing above its last stage, and a rule that matches nothing is an error."""
+    regexes = [re.compile(rx) for rx, _ in listed]
+    left = any(not any(r.search(p) for r in regexes) for p in tree.paths(loaded.params))
+    return [(".*", rule)] if left else []
+
+
 def full(loaded) -> RuleList:
     """Everything trains (full fine-tuning)."""
     return [(".*", TRAIN)]
@@ -60,12 +70,13 @@ def top_k(loaded, k: int, decay: float | None = None) -> RuleList:
         raise ValueError(f"top_k needs 0 <= k <= {n} (the model has {n} blocks), got k={k}")
     blocks = loaded.family.block_regex
     rule = (lambda i: TRAIN) if decay is None else (lambda i: train(lr_mult=decay ** (n - i)))
-    return (
+    listed = (
         _head(loaded)
         + [(_at(loaded, blocks(i)), rule(i)) for i in range(n - k, n)]
         + [(_at(loaded, blocks(i)), FROZEN) for i in range(n - k)]
-        + [(_at(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)]
+        + [(_at(loaded, loaded.family.STEM_REGEX), FROZEN)]
     )
+    return listed + _rest(loaded, listed, TRAIN)
 
 
 def single(loaded, group: str | int) -> RuleList:
@@ -107,7 +118,8 @@ def llrd(loaded, decay: float) -> RuleList:
     """Layer-wise LR decay: `lr * decay ** (depth - layer_id)`, stem at layer 0, head and top at depth = n + 1."""
     n = _depth(loaded)
     blocks = [(_at(loaded, loaded.family.block_regex(i)), train(lr_mult=decay ** (n - i))) for i in range(n)]
-    return blocks + [(_at(loaded, loaded.family.STEM_REGEX), train(lr_mult=decay ** (n + 1))), (".*", TRAIN)]
+    listed = blocks + [(_at(loaded, loaded.family.STEM_REGEX), train(lr_mult=decay ** (n + 1)))]
+    return listed + _rest(loaded, listed, TRAIN)
 
 
 RULE_SETS: dict[str, Callable[..., RuleList]] = {

@@ -1,7 +1,9 @@
 """The pure training step: `train_step(state, batch) -> (state, metrics)`, built from a model and a partition.
 
-Frozen parameters pass through `lax.stop_gradient` inside the loss, so XLA builds no backward pass for them (and
-none below the lowest trainable block); their optimizer transform is stateless `set_to_zero`. The dropout RNG is
+Gradients are taken with respect to the trainable parameters only: frozen ones enter the loss as constants, so XLA
+builds no backward pass for them (nor below the lowest trainable block), accumulation carries no gradient buffers
+for them, and their optimizer transform is stateless `set_to_zero`. BatchNorm layers whose scale and bias are
+frozen run in inference mode (Keras' rule; `frozen_batchnorm="train"` keeps batch statistics). The dropout RNG is
 derived from the step count, so a resumed run draws the same masks.
 """
 
@@ -16,7 +18,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tljax import tree
+from tljax.losses import classification_loss
+from tljax.models import batchnorm
 from tljax.partition import Partition
+from tljax.task import apply_for_loss
+
+FROZEN_BATCHNORM_MODES = ("inference", "train")
 
 
 @flax.struct.dataclass
@@ -43,27 +51,25 @@ def init_state(
     )
 
 
-def cross_entropy(logits, labels) -> jax.Array:
-    """Mean softmax cross-entropy with integer labels."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-
-
-def classification_loss(outputs: Mapping, batch: Mapping) -> tuple[jax.Array, dict]:
-    """Loss and metrics of a `WithHead` classifier; batch holds the model inputs plus `labels`."""
-    logits = outputs["logits"]
-    loss = cross_entropy(logits, batch["labels"])
-    return loss, {"loss": loss, "accuracy": (logits.argmax(-1) == batch["labels"]).mean()}
-
-
-def model_inputs(batch: Mapping) -> dict:
-    """The batch without the targets."""
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
 def apply_updates(params, updates, trainable_mask):
     """`optax.apply_updates` for trainable leaves; frozen leaves are passed through untouched, so the jitted step
     forwards their (donated) buffers instead of computing `p + 0` over every frozen weight."""
     return jax.tree.map(lambda p, u, t: optax.apply_updates(p, u) if t else p, params, updates, trainable_mask)
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def split_trainable(params, trainable_mask) -> tuple[Any, Any]:
+    """(trainable, frozen): two trees shaped like `params` with None in place of the other kind's leaves."""
+    pick = lambda keep: jax.tree.map(lambda p, t: p if t == keep else None, params, trainable_mask)
+    return pick(True), pick(False)
+
+
+def merge_trainable(trainable, frozen):
+    """Inverse of `split_trainable`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_none)
 
 
 def make_train_step(
@@ -73,6 +79,7 @@ def make_train_step(
     *,
     accumulate: int = 1,
     axis_name: str | None = None,
+    frozen_batchnorm: str = "inference",
 ):
     """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it with `donate_argnums=0`.
 
@@ -80,32 +87,39 @@ def make_train_step(
       accumulate: split each batch into this many micro-batches and average their gradients (one update).
       axis_name: under `pmap`, the device axis: gradients, metrics and BatchNorm stats are averaged over it and
         each device draws its own dropout masks.
+      frozen_batchnorm: "inference" (default): BatchNorm layers whose parameters this partition freezes normalise
+        with their running statistics and keep them; "train": they use batch statistics and update them.
     """
+    if frozen_batchnorm not in FROZEN_BATCHNORM_MODES:
+        raise ValueError(f"frozen_batchnorm must be one of {FROZEN_BATCHNORM_MODES}, got {frozen_batchnorm!r}")
+    mask = partition.trainable_mask
+    frozen_norms = batchnorm.frozen_modules(tree.flatten(mask)) if frozen_batchnorm == "inference" else frozenset()
 
-    def grads_of(params, collections, batch, rng):
-        def loss(p):
-            variables = {"params": partition.stop_gradient(p), **collections}
-            mutable = list(collections) or False
-            out = model.apply(variables, **model_inputs(batch), train=True, rngs={"dropout": rng}, mutable=mutable)
-            out, new_collections = out if mutable else (out, {})
+    def grads_of(trainable, frozen, collections, batch, rng):
+        def loss(t):
+            with batchnorm.running_average(frozen_norms):
+                out, new_collections = apply_for_loss(model, merge_trainable(t, frozen), collections, batch, rng)
             value, metrics = loss_fn(out, batch)
             return value, (metrics, dict(new_collections) or collections)
 
-        return jax.grad(loss, has_aux=True)(params)
+        return jax.grad(loss, has_aux=True)(trainable)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        trainable, frozen = split_trainable(state.params, mask)
         if accumulate == 1:
-            grads, (metrics, collections) = grads_of(state.params, state.collections, batch, rng)
+            grads, (metrics, collections) = grads_of(trainable, frozen, state.collections, batch, rng)
         else:
-            grads, (metrics, collections) = _accumulated(grads_of, state, batch, rng, accumulate)
+            grads, (metrics, collections) = _accumulated(grads_of, trainable, frozen, state, batch, rng, accumulate)
         if axis_name is not None:
             grads, metrics, collections = jax.lax.pmean((grads, metrics, collections), axis_name)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}  # a NaN here stops the engine too
-        updates, opt_state = partition.tx.update(grads, state.opt_state, state.params)
-        params = apply_updates(state.params, updates, partition.trainable_mask)
+        # frozen leaves get zero "gradients" that set_to_zero ignores: XLA removes them, nothing is allocated
+        full = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g, grads, state.params, is_leaf=_is_none)
+        updates, opt_state = partition.tx.update(full, state.opt_state, state.params)
+        params = apply_updates(state.params, updates, mask)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections)
         return new, metrics
 
@@ -124,17 +138,18 @@ def micro_batches(batch: Mapping, k: int) -> dict:
     return jax.tree.map(split, dict(batch))
 
 
-def _accumulated(grads_of, state: TrainState, batch, rng, k: int):
-    """Mean gradients and metrics over `k` micro-batches (BatchNorm stats thread through them in order)."""
+def _accumulated(grads_of, trainable, frozen, state: TrainState, batch, rng, k: int):
+    """Mean gradients and metrics over `k` micro-batches (BatchNorm stats thread through them in order); the
+    carried sum holds trainable gradients only."""
 
     def body(carry, xs):
         total, collections = carry
         micro, i = xs
-        grads, (metrics, collections) = grads_of(state.params, collections, micro, jax.random.fold_in(rng, i))
+        grads, (metrics, collections) = grads_of(trainable, frozen, collections, micro, jax.random.fold_in(rng, i))
         total = jax.tree.map(lambda a, g: a + g / k, total, grads)
         return (total, collections), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
     (grads, collections), metrics = jax.lax.scan(
         body, (zeros, state.collections), (micro_batches(batch, k), jnp.arange(k))
     )

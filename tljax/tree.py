@@ -23,18 +23,8 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def path_str(key_path: tuple) -> str:
-    """A `jax.tree_util` key path -> `"a/b/kernel"` (dict keys, attributes and sequence indices)."""
-    parts = []
-    for k in key_path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return SEP.join(parts)
+    """A `jax.tree_util` key path -> `"a/b/kernel"`."""
+    return jax.tree_util.keystr(key_path, simple=True, separator=SEP)
 
 
 def map_with_path(fn, tree):

@@ -11,8 +11,11 @@ BatchNorm modes:
 - `train=False`: running statistics (HF `.eval()`).
 - `train=True`: batch statistics; the updated running statistics come back with `mutable=["batch_stats"]`
   (momentum 0.9 here == torch momentum 0.1). `BatchNorm` below follows torch's rule exactly: normalise with the
-  biased batch variance, fold the *unbiased* one (x n/(n-1), n = B*H*W) into `running_var` (flax's `nn.BatchNorm`
-  folds the biased one, so fine-tuned statistics would drift from a PyTorch baseline).
+  biased batch variance, fold the *unbiased* one (x n/(n-1), n = B*H*W) into `running_var` (see
+  `tljax.models.batchnorm`).
+- BatchNorm layers whose scale and bias a training phase freezes run in inference mode (running statistics, not
+  updated), as Keras does for non-trainable layers: the training step sets this per layer
+  (`tljax.models.batchnorm.running_average`; `frozen_batchnorm="train"` in the engine config turns it off).
 - `freeze_bn_stats=True` (build option): running statistics always, also under `train=True` (the usual choice when
   fine-tuning with small batches); `mutable` is then not needed.
 """
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax.models import layers
+from tljax.models.batchnorm import BatchNorm
 from tljax.models.convert import CONV, KeyMap, Rule
 
 MODEL_TYPES = ("resnet",)
@@ -39,43 +43,6 @@ LAYER_TYPES = ("basic", "bottleneck")
 BOTTLENECK_REDUCTION = 4  # HF's ResNetBottleNeckLayer(reduction=4)
 # torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"), HF's conv init.
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated in jax
-
-
-class BatchNorm(nn.Module):
-    """torch's `BatchNorm2d` over the channel (last) axis: `scale`/`bias` params, `mean`/`var` batch_stats."""
-
-    use_running_average: bool
-    momentum: float = 0.9  # weight of the old running statistic (torch momentum 0.1)
-    epsilon: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        if self.use_running_average:
-            mean, var = running_mean.value, running_var.value
-        else:
-            mean, var = _moments(x)
-            if not self.is_initializing():
-                n = x.size // c
-                m = self.momentum
-                running_mean.value = m * running_mean.value + (1 - m) * mean
-                running_var.value = m * running_var.value + (1 - m) * var * (n / max(n - 1, 1))
-        y = (x.astype(jnp.float32) - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
-        return y.astype(self.dtype)
-
-
-def _moments(x):
-    """Per-channel mean and biased variance in fp32, as E[(x - mean)^2] (torch's, no E[x^2] - mean^2 cancellation)."""
-    x = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    return mean, jnp.square(x - mean).mean(axes)
 
 
 class ConvNorm(nn.Module):

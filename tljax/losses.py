@@ -1,0 +1,36 @@
+"""Task losses: `loss_fn(outputs, batch) -> (loss, metrics)`, the contract the training step and the engine take."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+NOT_INPUTS = ("labels", "mask")  # batch entries the model does not take
+
+
+def model_inputs(batch: Mapping) -> dict:
+    """The batch without targets and padding masks: what goes into `model.apply` as keyword arguments."""
+    return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+
+
+def cross_entropy(logits, labels) -> jax.Array:
+    """Mean softmax cross-entropy; `labels` are class indices (B,) or probabilities (B, C) (mixup, cutmix)."""
+    logits = logits.astype(jnp.float32)
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        return optax.softmax_cross_entropy(logits, labels.astype(jnp.float32)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def hard_labels(labels) -> jax.Array:
+    """Class indices of labels given as indices or as probabilities (their argmax)."""
+    return labels.argmax(-1) if jnp.issubdtype(labels.dtype, jnp.floating) else labels
+
+
+def classification_loss(outputs: Mapping, batch: Mapping) -> tuple[jax.Array, dict]:
+    """Loss and accuracy of a `WithHead` classifier; the batch holds the model inputs plus `labels`."""
+    logits = outputs["logits"]
+    loss = cross_entropy(logits, batch["labels"])
+    return loss, {"loss": loss, "accuracy": (logits.argmax(-1) == hard_labels(batch["labels"])).mean()}
