@@ -196,25 +196,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(driver_model, tmp_path):
-    work, multi, single = tmp_path / "run", tmp_path / "multi.npz", tmp_path / "single.npz"
+@pytest.fixture(scope="module")
+def four_devices(driver_model, tmp_path_factory) -> dict[str, np.ndarray]:
+    """Final params of one process on 4 devices: what 2 processes x 2 devices must reproduce."""
+    work = tmp_path_factory.mktemp("four")
+    completed(run(driver_model, work / "run", "--out", work / "single.npz", devices=4))
+    return load(work / "single.npz")
+
+
+def test_two_processes_match_one(driver_model, four_devices, tmp_path):
+    work = tmp_path / "run"
+    for r in _two_processes(driver_model, work, {}, out=tmp_path / "multi.npz"):
+        completed(r)
+    assert STEPS in steps(work), entries(work)
+    got, expected = load(tmp_path / "multi.npz"), four_devices
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def _two_processes(model: str, work: Path, extra: dict[int, list], out: Path | None = None) -> list[Run]:
+    """Runs processes 0 and 1 of a 2-process job (2 devices each) to the end; `extra[i]` are process i's flags."""
     coordinator = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", 2]
     procs = [
-        start(driver_model, work, *coordinator, "--process-id", i, *(["--out", multi] if i == 0 else []), devices=2)
+        start(
+            model, work, *coordinator, "--process-id", i, *extra.get(i, []), *(["--out", out] if out and i == 0 else [])
+        )
         for i in range(2)
     ]
     try:
-        runs = [finish(p) for p in procs]
+        return [finish(p) for p in procs]
     finally:
         for p in procs:  # one side failing leaves the other waiting on a collective
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def test_preempting_one_host_stops_all_at_one_step(driver_model, four_devices, tmp_path):
+    """SIGTERM reaches one of two hosts: JAX's preemption sync point makes both save the same step and exit 0 (no
+    allgather per step); the rerun completes and matches a single process on 4 devices."""
+    work = tmp_path / "run"
+    runs = _two_processes(driver_model, work, {1: ["--sigterm-at", 3]})
+    stopped = set()
     for r in runs:
+        expect(r.returncode == 0 and "STATUS preempted STEP" in r.stdout, r, "exit 0 after a preemption save")
+        stopped.add(int(r.stdout.split("STATUS preempted STEP")[1].split()[0]))
+    assert len(stopped) == 1 and stopped <= set(steps(work)) and stopped.pop() < STEPS, entries(work)
+    for r in _two_processes(driver_model, work, {}, out=tmp_path / "multi.npz"):
         completed(r)
-    assert STEPS in steps(work), entries(work)
-    completed(run(driver_model, tmp_path / "single", "--out", single, devices=4))
-    got, expected = load(multi), load(single)
-    assert sorted(got) == sorted(expected)
+    got, expected = load(tmp_path / "multi.npz"), four_devices
     for k in expected:
         np.testing.assert_allclose(got[k], expected[k], atol=1e-5, rtol=0, err_msg=k)
