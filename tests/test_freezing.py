@@ -113,6 +113,16 @@ def test_carry_state_moments_counts_and_fresh_groups(clf):
     assert set(new_mu) == set(old_mu) and all(np.array_equal(new_mu[p], old_mu[p]) for p in new_mu)
 
 
+def test_constant_then_scheduled_lr_carries_state(clf):
+    """Regression: a group trained at a constant LR could not carry its state into a phase with an LR schedule
+    (LP-FT's probe into a cosine fine-tune): a schedule keeps a step count, so the two states differed."""
+    cosine = {"schedule": "cosine", "peak": 1e-2, "warmup_steps": 1}
+    sched = FreezingSchedule((Phase(2, rules=TOP1, learning_rate=1e-2), Phase(2, rules=TOP1, learning_rate=cosine)))
+    state, hist = run_schedule(clf, sched)
+    assert [h.end for h in hist] == [2, 4]
+    assert int(state.opt_state.inner_states["g0@2"].inner_state[0].count) == 4
+
+
 def test_frozen_groups_hold_no_state_in_every_phase(clf):
     sched = freezing.get("gradual_unfreeze", clf, steps_per_stage=1, lr=1e-3)
     _, hist = run_schedule(clf, sched)

@@ -34,10 +34,20 @@ def test_report_counts_every_tensor(tiny_bert_dir):
     assert "39 tensors" in str(loaded.report)
 
 
-def test_unpacks_as_model_and_params(tiny_bert_dir):
-    model, params = tm.load_pretrained(tiny_bert_dir)
+def test_inputs_are_keyword_only(tiny_bert_dir):
+    """Regression: `WithHead` took attention_mask only as a keyword; passed by position, mean pooling ran over
+    padding with no error. Inputs are keyword-only (HF names), and `Pretrained` no longer unpacks as
+    `model, params` (which dropped BatchNorm statistics)."""
+    loaded = tm.load_pretrained(tiny_bert_dir, num_classes=2, pooling="mean")
     ids, mask = token_batch(2, 5)
-    assert model.apply({"params": params}, input_ids=ids, attention_mask=mask)["last_hidden_state"].shape == (2, 5, 32)
+    assert loaded.model.apply(loaded.variables, input_ids=ids, attention_mask=mask)["logits"].shape == (2, 2)
+    with pytest.raises(TypeError):
+        loaded.model.apply(loaded.variables, ids, mask)
+    plain = tm.load_pretrained(tiny_bert_dir)
+    with pytest.raises(TypeError):
+        plain.model.apply(plain.variables, ids, mask)
+    with pytest.raises(TypeError):
+        model, params = plain
 
 
 def test_missing_folder_is_clear(tmp_path):
@@ -207,3 +217,49 @@ def test_sharded_safetensors_checkpoint(tiny_bert_dir, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
     sharded, single = tm.load_pretrained(tmp_path), tm.load_pretrained(tiny_bert_dir)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), sharded.params, single.params))
+
+
+def test_invalid_regexes_name_the_pattern(tiny_bert_dir):
+    with pytest.raises(CheckpointError, match=r"reinit=: invalid regex '\(pooler': missing \)"):
+        tm.load_pretrained(tiny_bert_dir, reinit=["(pooler"])
+    with pytest.raises(CheckpointError, match=r"ignore=: invalid regex 'cls\[': unterminated character set"):
+        tm.load_pretrained(tiny_bert_dir, ignore=["cls["])
+
+
+def test_truncated_safetensors_names_the_file(bert_copy):
+    weights = bert_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: .* truncated or corrupted"):
+        tm.load_pretrained(bert_copy)
+
+
+def test_hub_id_without_organisation_loads_from_the_cache(monkeypatch, tmp_path, tiny_bert_dir):
+    """Regression: `bert-base-uncased` (no org) was taken for a local folder and never looked up in the hub."""
+    snap = tmp_path / "models--bert-base-uncased" / "snapshots" / ("b" * 40)
+    shutil.copytree(tiny_bert_dir, snap)
+    (tmp_path / "models--bert-base-uncased" / "refs").mkdir()
+    (tmp_path / "models--bert-base-uncased" / "refs" / "main").write_text("b" * 40)
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert tree.count(tm.load_pretrained("bert-base-uncased").params) == tree.count(
+        tm.load_pretrained(tiny_bert_dir).params
+    )
+    with pytest.raises(CheckpointError, match=r"no local folder .*roberta-base, so 'roberta-base' was taken for a hub"):
+        tm.load_pretrained("roberta-base")
+    with pytest.raises(CheckpointError, match=r"does not exist \(and 'no such//thing' is not a valid hub id\)"):
+        tm.load_pretrained("no such//thing")
+
+
+def test_sequences_longer_than_the_position_table_are_errors(tiny_bert_dir, tiny_roberta_dir):
+    """Regression: an out-of-range position gather gave NaN silently."""
+    bert = tm.load_pretrained(tiny_bert_dir)
+    ids = np.ones((1, 65), np.int32)
+    with pytest.raises(ValueError, match="sequence length 65 exceeds the model's limit of 64 tokens"):
+        bert.model.apply(bert.variables, input_ids=ids)
+    roberta = tm.load_pretrained(tiny_roberta_dir)  # positions start after pad_token_id=1: 64 - 2 = 62 usable
+    with pytest.raises(ValueError, match="sequence length 63 exceeds the model's limit of 62 tokens"):
+        roberta.model.apply(roberta.variables, input_ids=np.full((1, 63), 5, np.int32))
+    assert np.isfinite(
+        roberta.model.apply(roberta.variables, input_ids=np.full((1, 62), 5, np.int32))["last_hidden_state"]
+    ).all()

@@ -71,7 +71,7 @@ def _torch(ref, x):
 def test_parity_eval(checkpoints, variant, batch):
     _, ref, loaded = checkpoints[variant]
     x = _images(batch)
-    out = loaded.model.apply(loaded.variables, x)
+    out = loaded.model.apply(loaded.variables, pixel_values=x)
     want = _torch(ref, x)
     side = 1 if variant == "basic" else 2  # downsample_in_first_stage halves once more
     assert out["last_hidden_state"].shape == (batch, side, side, 32)  # NHWC; HF: NCHW
@@ -104,7 +104,7 @@ def test_train_mode_batch_statistics(checkpoints, variant):
     before = {k for k in ref.state_dict() if k.endswith(("running_mean", "running_var"))}
     trained = copy.deepcopy(ref).train()
     want = _torch(trained, x)
-    out, updates = loaded.model.apply(loaded.variables, x, train=True, mutable=["batch_stats"])
+    out, updates = loaded.model.apply(loaded.variables, pixel_values=x, train=True, mutable=["batch_stats"])
     assert max_abs_diff(out["last_hidden_state"], want.last_hidden_state.permute(0, 2, 3, 1)) <= 1e-4
     assert max_abs_diff(out["pooler_output"], want.pooler_output.flatten(1)) <= 1e-4
     after = {k: v.numpy() for k, v in trained.state_dict().items() if k in before}
@@ -118,15 +118,17 @@ def test_freeze_bn_stats(checkpoints):
     folder, _, loaded = checkpoints["bottleneck"]
     frozen = tm.load_pretrained(folder, freeze_bn_stats=True)
     x = _images(2)
-    eval_out = loaded.model.apply(loaded.variables, x)["last_hidden_state"]
-    train_out = frozen.model.apply(frozen.variables, x, train=True)["last_hidden_state"]  # no mutable needed
+    eval_out = loaded.model.apply(loaded.variables, pixel_values=x)["last_hidden_state"]
+    train_out = frozen.model.apply(frozen.variables, pixel_values=x, train=True)[
+        "last_hidden_state"
+    ]  # no mutable needed
     assert max_abs_diff(train_out, eval_out) == 0.0
-    batch_out, _ = loaded.model.apply(loaded.variables, x, train=True, mutable=["batch_stats"])
+    batch_out, _ = loaded.model.apply(loaded.variables, pixel_values=x, train=True, mutable=["batch_stats"])
     assert max_abs_diff(batch_out["last_hidden_state"], eval_out) > 1e-2
 
     # Through a head: the option passes load_pretrained -> build, and the head trains with frozen statistics.
     headed = tm.load_pretrained(folder, num_classes=3, freeze_bn_stats=True)
-    out = headed.model.apply(headed.variables, x, train=True, rngs={"dropout": jax.random.key(0)})
+    out = headed.model.apply(headed.variables, pixel_values=x, train=True, rngs={"dropout": jax.random.key(0)})
     assert max_abs_diff(out["features"], eval_out.mean(axis=(1, 2))) <= 1e-6
     assert out["logits"].shape == (2, 3)
 
@@ -139,7 +141,7 @@ def test_classification_checkpoint_loads(tmp_path):
     assert loaded.report.ignored[:2] == ["classifier.1.bias", "classifier.1.weight"]
     assert all(k.startswith("classifier.") or k.endswith("num_batches_tracked") for k in loaded.report.ignored)
     x = _images(2)
-    out = loaded.model.apply(loaded.variables, x)
+    out = loaded.model.apply(loaded.variables, pixel_values=x)
     assert max_abs_diff(out["pooler_output"], _torch(ref.resnet, x).pooler_output.flatten(1)) <= 1e-4
 
 
@@ -148,13 +150,15 @@ def test_save_pretrained_round_trip_with_updated_stats(checkpoints, tmp_path):
     from transformers import ResNetModel
 
     _, _, loaded = checkpoints["bottleneck_v1"]
-    _, updates = loaded.model.apply(loaded.variables, _images(3, seed=2), train=True, mutable=["batch_stats"])
+    _, updates = loaded.model.apply(
+        loaded.variables, pixel_values=_images(3, seed=2), train=True, mutable=["batch_stats"]
+    )
     folder = tm.save_pretrained(tmp_path / "export", loaded, state=updates)
     back, info = ResNetModel.from_pretrained(folder, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     assert all(k.endswith("num_batches_tracked") for k in info["missing_keys"])  # not exported; unused in eval
     x = _images(2)
-    ours = loaded.model.apply({"params": loaded.params, **updates}, x)
+    ours = loaded.model.apply({"params": loaded.params, **updates}, pixel_values=x)
     want = _torch(back.eval(), x)
     assert max_abs_diff(ours["last_hidden_state"], want.last_hidden_state.permute(0, 2, 3, 1)) <= 1e-4
     assert max_abs_diff(ours["pooler_output"], want.pooler_output.flatten(1)) <= 1e-4
@@ -180,4 +184,4 @@ def test_rejects_unsupported_config_and_bad_input(checkpoints):
     with pytest.raises(ValueError, match="no_such_act"):
         resnet.build(cfg)
     with pytest.raises(ValueError, match="NCHW"):
-        loaded.model.apply(loaded.variables, np.zeros((1, 64, 64, 3), np.float32))
+        loaded.model.apply(loaded.variables, pixel_values=np.zeros((1, 64, 64, 3), np.float32))

@@ -105,7 +105,7 @@ class PhaseRecord:
 
 @dataclass
 class FitResult:
-    state: TrainState  # on the host (pmap: the first replica)
+    state: TrainState  # the final state on its devices (pmap: the first replica); `jax.device_get` to fetch
     history: list[PhaseRecord]
     status: str  # "completed" or "preempted"
     eval: dict  # the last evaluation's metrics
@@ -276,7 +276,7 @@ class _Run:
             self._save(host, None)
         if self.ckpts:
             self.ckpts.wait()
-        return FitResult(jax.device_get(host), self.history, status, self.last_eval, self.plan)
+        return FitResult(host, self.history, status, self.last_eval, self.plan)
 
     def _resolve(self, batch):
         """Unused parameters, number of classes and the plan, from the model, the loss and one batch's shapes."""
@@ -286,6 +286,7 @@ class _Run:
         plan = freezing.resolve(self.schedule, loaded, steps_per_epoch=c.steps_per_epoch, unused=unused, **c.optimizer)
         if unused:
             log.info("%d parameter(s) are not reached by the loss and stay frozen: %s", len(unused), sorted(unused)[:8])
+        log.info("plan of schedule %r:\n%s", self.schedule.name, plan.summary())
         return plan, classes
 
     def _restore(self):

@@ -367,9 +367,13 @@ def _group_lr(rule: Rule, base: LearningRate, age: int = 0) -> LearningRate:
 
 
 def _group_tx(g: Group, make, optimizer_kwargs) -> optax.GradientTransformation:
+    """The group's optimizer. A constant LR is passed as a schedule too, so the state structure (a schedule keeps a
+    step count) does not depend on whether a phase's LR is constant: a group that moves from a constant-LR phase to
+    a scheduled one (LP-FT's probe into a cosine fine-tune) carries its state over."""
     if not g.rule.trainable:
         return optax.set_to_zero()
-    tx = make(g.lr, g.weight_decay, **optimizer_kwargs)
+    lr = g.lr if callable(g.lr) else optax.constant_schedule(g.lr)
+    tx = make(lr, g.weight_decay, **optimizer_kwargs)
     return optax.chain(optax.clip_by_global_norm(g.rule.clip_norm), tx) if g.rule.clip_norm else tx
 
 

@@ -7,14 +7,12 @@ Parameter layout: `embeddings/{word,position,token_type}_embeddings/embedding`, 
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from tljax.models import layers
-from tljax.models.convert import KeyMap, Rule, dense_rules, norm_rules
+from tljax.models.convert import HfClassifier, KeyMap, KeyRule, dense_rules, norm_rules
 
 MODEL_TYPES = ("bert", "roberta")
 PREFIXES = ("bert.", "roberta.")  # base-model prefixes of *ForXxx checkpoints
@@ -53,19 +51,6 @@ class Embeddings(nn.Module):
         return nn.LayerNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
 
 
-class Pooler(nn.Module):
-    """tanh(dense(first token)): BERT's and ViT's `pooler_output`."""
-
-    width: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        dense = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")
-        return jnp.tanh(dense(x[:, 0]))
-
-
 class BertModel(nn.Module):
     """HF `BertModel`/`RobertaModel`: inputs and outputs under HF names; `train=True` enables dropout."""
 
@@ -87,12 +72,13 @@ class BertModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, train: bool = False):
+    def __call__(self, *, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, train: bool = False):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         if position_ids is None:
+            self._check_length(input_ids.shape[-1])
             position_ids = self._positions(input_ids)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Embeddings(
@@ -105,8 +91,8 @@ class BertModel(nn.Module):
             **kw,
         )(input_ids, token_type_ids, position_ids)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        block = functools.partial(
-            layers.Block,
+        encoder = layers.encoder(
+            self.num_layers,
             self.num_heads,
             self.intermediate_size,
             self.act,
@@ -116,11 +102,20 @@ class BertModel(nn.Module):
             attention_dropout=self.attention_dropout,
             **kw,
         )
-        x = layers.Encoder(self.num_layers, block, name="encoder")(x, layers.padding_mask(attention_mask), train=train)
+        x = encoder(x, layers.padding_mask(attention_mask), train=train)
         out = {"last_hidden_state": x}
         if self.add_pooling_layer:
-            out["pooler_output"] = Pooler(self.hidden_size, name="pooler", **kw)(x)
+            out["pooler_output"] = layers.Pooler(self.hidden_size, name="pooler", **kw)(x)
         return out
+
+    def _check_length(self, length: int) -> None:
+        """An out-of-range position gather gives NaN silently; say what the limit is instead."""
+        limit = self.max_positions - (self.pad_token_id + 1 if self.roberta_positions else 0)
+        if length > limit:
+            raise ValueError(
+                f"sequence length {length} exceeds the model's limit of {limit} tokens (max_position_embeddings="
+                f"{self.max_positions}); truncate the inputs (tokenizer truncation=True, max_length={limit})"
+            )
 
     def _positions(self, input_ids):
         if not self.roberta_positions:
@@ -138,6 +133,7 @@ def build(
       add_pooling_layer: None means "if the checkpoint has pooler weights".
     """
     c = hf_config
+    layers.check_transformer_config(c)
     if getattr(c, "position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"position_embedding_type={c.position_embedding_type!r} is not supported (absolute only)")
     if add_pooling_layer is None:
@@ -174,7 +170,7 @@ layer_id, block_regex = layers.encoder_layer_id, layers.encoder_block_regex
 def key_map(hf_config) -> KeyMap:
     L, P = "encoder.layer.{i}.", "params/encoder/layer_{i}/"
     rules = [
-        Rule(f"embeddings.{n}.weight", f"params/embeddings/{n}/embedding")
+        KeyRule(f"embeddings.{n}.weight", f"params/embeddings/{n}/embedding")
         for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
     ]
     rules += norm_rules("embeddings.LayerNorm", "params/embeddings/norm")
@@ -192,3 +188,16 @@ def key_map(hf_config) -> KeyMap:
     rules += norm_rules(L + "output.LayerNorm", P + "mlp_norm")
     rules += dense_rules("pooler.dense", "params/pooler/dense")
     return KeyMap(rules)
+
+
+def classifier(hf_config) -> HfClassifier:
+    """BertForSequenceClassification (pooler -> classifier) / RobertaForSequenceClassification (CLS -> dense -> tanh
+    -> out_proj; its base model has no pooler)."""
+    if hf_config.model_type == "roberta":
+        rules = dense_rules("classifier.dense", "params/head/hidden") + dense_rules(
+            "classifier.out_proj", "params/head/out"
+        )
+        return HfClassifier("RobertaForSequenceClassification", "roberta.", "cls", hf_config.hidden_size, tuple(rules))
+    return HfClassifier(
+        "BertForSequenceClassification", "bert.", "pooler", 0, tuple(dense_rules("classifier", "params/head/out"))
+    )

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax.models import layers
-from tljax.models.convert import CONV, LINEAR, KeyMap, Rule, dense_rules, norm_rules
+from tljax.models.convert import CONV, LINEAR, KeyMap, KeyRule, dense_rules, norm_rules
 from tljax.models.vit import resample_table
 
 MODEL_TYPES = ("clip", "clip_vision_model")
@@ -34,20 +34,19 @@ LEGACY_EOS_TOKEN_ID = 2  # configs from before transformers PR #24773: EOS is th
 
 
 def _encoder(tower, train: bool, x, mask=None):
-    """The tower's pre-norm `Encoder` (`encoder/layer_{i}`); called inside a tower's compact `__call__`."""
-    block = functools.partial(
-        layers.Block,
+    """The tower's pre-norm encoder (`encoder/layer_{i}`); called inside a tower's compact `__call__`."""
+    encoder = layers.encoder(
+        tower.num_layers,
         tower.num_heads,
         tower.mlp_dim,
         tower.act,
         pre_norm=True,
         eps=tower.eps,
-        dropout=0.0,
         attention_dropout=tower.attention_dropout,
         dtype=tower.dtype,
         param_dtype=tower.param_dtype,
     )
-    return layers.Encoder(tower.num_layers, block, name="encoder")(x, mask, train=train)
+    return encoder(x, mask, train=train)
 
 
 def _norm(tower, name: str) -> nn.LayerNorm:
@@ -223,7 +222,7 @@ class CLIPModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids=None, attention_mask=None, pixel_values=None, position_ids=None, *, train: bool = False
+        self, *, input_ids=None, attention_mask=None, pixel_values=None, position_ids=None, train: bool = False
     ):
         if input_ids is None and pixel_values is None:
             raise ValueError("CLIP needs input_ids (text), pixel_values (images) or both")
@@ -330,7 +329,7 @@ def _tower_options(c) -> dict:
 
 
 def _vision_tower(c, **kw) -> VisionTower:
-    layers.activation(c.hidden_act)  # unknown activations fail at build time, not at first call
+    layers.check_transformer_config(c, "vision_config")
     return VisionTower(
         image_size=_square(c.image_size, "image_size"),
         patch_size=_square(c.patch_size, "patch_size"),
@@ -341,7 +340,7 @@ def _vision_tower(c, **kw) -> VisionTower:
 
 
 def _text_tower(c, **kw) -> TextTower:
-    layers.activation(c.hidden_act)
+    layers.check_transformer_config(c, "text_config")
     if not isinstance(c.eos_token_id, int):
         raise ValueError(
             f"text_config.eos_token_id={c.eos_token_id!r} is not supported (a single int is needed "
@@ -425,11 +424,9 @@ def layer_id(path: str, n_layers: int) -> int:
     projections, logit_scale and the whole text tower) is n_layers+1: for image transfer the text tower is
     either unused or frozen, so it gets the top (undecayed) rate rather than a depth of its own.
     """
-    if path.startswith(("vision/embeddings/", "vision/pre_norm/")):
-        return 0
-    if path.startswith("vision/encoder/layer_"):
-        return int(path.split("/")[2].removeprefix("layer_")) + 1
-    return n_layers + 1
+    return layers.layer_id_by_prefix(
+        path, n_layers, ("vision/embeddings/", "vision/pre_norm/"), "vision/encoder/layer_"
+    )
 
 
 def block_regex(i: int) -> str:
@@ -437,7 +434,7 @@ def block_regex(i: int) -> str:
     return rf"^vision/encoder/layer_{i}/"
 
 
-def _encoder_rules(torch_tower: str, flax_tower: str) -> list[Rule]:
+def _encoder_rules(torch_tower: str, flax_tower: str) -> list[KeyRule]:
     L, P = f"{torch_tower}encoder.layers.{{i}}.", f"params/{flax_tower}/encoder/layer_{{i}}/"
     pairs = [
         ("self_attn.q_proj", "attention/query"),
@@ -451,21 +448,21 @@ def _encoder_rules(torch_tower: str, flax_tower: str) -> list[Rule]:
     return rules + norm_rules(L + "layer_norm1", P + "attention_norm") + norm_rules(L + "layer_norm2", P + "mlp_norm")
 
 
-def _vision_rules(tower: str = "vision_model.") -> list[Rule]:
+def _vision_rules(tower: str = "vision_model.") -> list[KeyRule]:
     E, F = f"{tower}embeddings.", "params/vision/embeddings/"
     rules = [
-        Rule(E + "class_embedding", F + "class_embedding"),
-        Rule(E + "patch_embedding.weight", F + "patch_embedding/kernel", CONV),
-        Rule(E + "position_embedding.weight", F + "position_embedding/embedding"),
+        KeyRule(E + "class_embedding", F + "class_embedding"),
+        KeyRule(E + "patch_embedding.weight", F + "patch_embedding/kernel", CONV),
+        KeyRule(E + "position_embedding.weight", F + "position_embedding/embedding"),
     ]
     rules += norm_rules(f"{tower}pre_layrnorm", "params/vision/pre_norm")  # sic: HF's spelling
     rules += norm_rules(f"{tower}post_layernorm", "params/vision/post_norm")
     return rules + _encoder_rules(tower, "vision")
 
 
-def _text_rules() -> list[Rule]:
+def _text_rules() -> list[KeyRule]:
     E, F = "text_model.embeddings.", "params/text/embeddings/"
-    rules = [Rule(E + f"{n}.weight", F + f"{n}/embedding") for n in ("token_embedding", "position_embedding")]
+    rules = [KeyRule(E + f"{n}.weight", F + f"{n}/embedding") for n in ("token_embedding", "position_embedding")]
     rules += norm_rules("text_model.final_layer_norm", "params/text/final_norm")
     return rules + _encoder_rules("text_model.", "text")
 
@@ -478,10 +475,16 @@ def key_map(hf_config) -> KeyMap:
     """
     rules = _vision_rules() + _text_rules()
     rules += [
-        Rule("visual_projection.weight", "params/visual_projection/kernel", LINEAR),
-        Rule("text_projection.weight", "params/text_projection/kernel", LINEAR),
-        Rule("logit_scale", "params/logit_scale"),
+        KeyRule("visual_projection.weight", "params/visual_projection/kernel", LINEAR),
+        KeyRule("text_projection.weight", "params/text_projection/kernel", LINEAR),
+        KeyRule("logit_scale", "params/logit_scale"),
     ]
     if hf_config.model_type == "clip_vision_model":
         rules += _vision_rules(tower="")  # after the prefixed rules, so export keeps the prefix
     return KeyMap(rules)
+
+
+def classifier(hf_config) -> None:
+    """No HF class shares our heads: CLIPForImageClassification nests a second `vision_model.` prefix and pools
+    patch tokens; a CLIP head stays in tljax_head.safetensors (lossless through tljax)."""
+    return None

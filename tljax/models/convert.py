@@ -1,8 +1,8 @@
 """Two-way renaming between PyTorch state-dict keys and flat Flax variable paths, driven by one table.
 
-A family writes its mapping once as `Rule`s with `{i}`-style placeholders for layer indices:
+A family writes its mapping once as `KeyRule`s with `{i}`-style placeholders for layer indices:
 
-    Rule("encoder.layer.{i}.attention.self.query.weight", "params/encoder/layer_{i}/attention/query/kernel", LINEAR)
+    KeyRule("encoder.layer.{i}.attention.self.query.weight", "params/encoder/layer_{i}/attention/query/kernel", LINEAR)
 
 and gets both directions (load and export) from it. Flax paths carry their collection (`params/...`,
 `batch_stats/...`) so BatchNorm statistics travel with the weights.
@@ -32,7 +32,7 @@ LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T)  # torch (out, in) <-
 CONV = Transform("conv", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
 
 
-class Rule(NamedTuple):
+class KeyRule(NamedTuple):
     torch: str  # e.g. "encoder.layer.{i}.output.dense.weight"
     flax: str  # e.g. "params/encoder/layer_{i}/mlp/fc2/kernel"
     transform: Transform = SAME
@@ -47,7 +47,7 @@ def _template_regex(template: str) -> re.Pattern:
 class KeyMap:
     """A compiled rule table mapping keys both ways."""
 
-    def __init__(self, rules: Iterable[Rule]):
+    def __init__(self, rules: Iterable[KeyRule]):
         self.rules = list(rules)
         self._torch = [(_template_regex(r.torch), r) for r in self.rules]
         self._flax = [(_template_regex(r.flax), r) for r in self.rules]
@@ -90,12 +90,35 @@ def _apply(compiled, key, target):
     return None
 
 
-def dense_rules(torch_name: str, flax_name: str, bias: bool = True) -> list[Rule]:
+def dense_rules(torch_name: str, flax_name: str, bias: bool = True) -> list[KeyRule]:
     """`nn.Linear` <-> `nn.Dense`: weight/kernel (transposed) and bias."""
-    rules = [Rule(torch_name + ".weight", flax_name + "/kernel", LINEAR)]
-    return rules + ([Rule(torch_name + ".bias", flax_name + "/bias")] if bias else [])
+    rules = [KeyRule(torch_name + ".weight", flax_name + "/kernel", LINEAR)]
+    return rules + ([KeyRule(torch_name + ".bias", flax_name + "/bias")] if bias else [])
 
 
-def norm_rules(torch_name: str, flax_name: str) -> list[Rule]:
+def norm_rules(torch_name: str, flax_name: str) -> list[KeyRule]:
     """`nn.LayerNorm` <-> `nn.LayerNorm`: weight/scale and bias."""
-    return [Rule(torch_name + ".weight", flax_name + "/scale"), Rule(torch_name + ".bias", flax_name + "/bias")]
+    return [KeyRule(torch_name + ".weight", flax_name + "/scale"), KeyRule(torch_name + ".bias", flax_name + "/bias")]
+
+
+@dataclass(frozen=True)
+class HfClassifier:
+    """A transformers classification class whose head is one of ours, so heads travel in HF key names both ways.
+
+    Attributes:
+      architecture: the class name written to `config.architectures` (e.g. "BertForSequenceClassification").
+      prefix: the class's `base_model_prefix` + "." before every backbone key ("bert.").
+      pooling: the `WithHead` pooling that feeds HF's classifier the same features.
+      hidden: the width of `ClassificationHead.hidden` HF's head has (0: a single linear layer).
+      rules: classifier keys <-> `params/head/...` paths.
+    """
+
+    architecture: str
+    prefix: str
+    pooling: str
+    hidden: int
+    rules: tuple[KeyRule, ...]
+
+    @property
+    def key_map(self) -> KeyMap:
+        return KeyMap(self.rules)

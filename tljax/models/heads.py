@@ -81,7 +81,27 @@ class WithHead(nn.Module):
     head: nn.Module
     pooling: str = "cls"
 
-    def __call__(self, *args, train: bool = False, **inputs):
-        outputs = dict(self.backbone(*args, train=train, **inputs))
+    def __call__(self, *, train: bool = False, **inputs):
+        """Inputs are keyword-only under HF names (`input_ids=`, `attention_mask=`, `pixel_values=`): a mask passed
+        by position would otherwise never reach mean pooling."""
+        outputs = dict(self.backbone(train=train, **inputs))
         features = pool(outputs, self.pooling, inputs.get("attention_mask"))
         return {**outputs, "features": features, "logits": self.head(features, train=train)}
+
+
+def head_spec(model) -> dict | None:
+    """What `save_pretrained` records about a `WithHead` model's head (config.json `tljax_head`), or None."""
+    if not isinstance(model, WithHead):
+        return None
+    head = model.head
+    if type(head) is ClassificationHead:
+        return {"kind": "classification", "num_classes": head.num_classes, "hidden": head.hidden,
+                "dropout": head.dropout, "pooling": model.pooling}  # fmt: skip
+    return {"kind": "custom", "module": type(head).__name__, "pooling": model.pooling}
+
+
+def check_num_classes(num_classes) -> int:
+    """A positive int (not a bool, not a string): a clear error instead of one deep inside Flax."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes

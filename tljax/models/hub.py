@@ -19,8 +19,15 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be found, read or merged into the model; the message says how to fix it."""
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep + os.sep in name
+def _is_repo_id(name: str) -> bool:
+    """huggingface_hub's own rule ("bert-base-uncased" and "google/vit-base-patch16-224" are both hub ids)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, allow_pickle: bool = False) -> Path:
@@ -40,12 +47,18 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, all
                 "(config.json plus model.safetensors), e.g. one written by save_pretrained."
             )
         return path
-    if _looks_like_path(str(name_or_path)) or path.exists():
+    if path.exists() or not _is_repo_id(str(name_or_path)):
         raise CheckpointError(
-            f"checkpoint folder {path} does not exist. Pass an existing folder holding "
-            "config.json and model.safetensors, or a hub id like 'org/model'."
+            f"checkpoint folder {path.absolute()} does not exist (and {str(name_or_path)!r} is not a valid hub id). "
+            "Pass an existing folder holding config.json and model.safetensors, or a hub id like "
+            "'bert-base-uncased' or 'org/model'."
         )
-    return _from_hub(str(name_or_path), revision, allow_pickle)
+    try:
+        return _from_hub(str(name_or_path), revision, allow_pickle)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"no local folder {path.absolute()}, so {name_or_path!r} was taken for a hub id: {e}"
+        ) from e
 
 
 def _from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
@@ -98,14 +111,24 @@ def read_state_dict(folder: Path, *, allow_pickle: bool = False) -> dict[str, np
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     out = {}
     for file in files:
-        with safe_open(str(file), framework="numpy") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
+        out.update(read_safetensors_file(file))
     return out
+
+
+def read_safetensors_file(file: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file; a truncated or corrupted file is an error that names it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError, ... : the library's messages do not name the file
+        raise CheckpointError(
+            f"cannot read {file}: {type(e).__name__}: {e}. The file is truncated or corrupted (an interrupted "
+            "download or copy?): fetch or save it again."
+        ) from e
 
 
 def _read_pickle(files: list[Path]) -> dict[str, np.ndarray]:

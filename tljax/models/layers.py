@@ -7,6 +7,7 @@ Every LayerNorm's name ends in `norm` so one regex (`norm/`) finds them all.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -139,6 +140,62 @@ class Encoder(nn.Module):
         return x
 
 
+def encoder(
+    num_layers: int,
+    num_heads: int,
+    mlp_dim: int,
+    act: str,
+    *,
+    pre_norm: bool,
+    eps: float,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> Encoder:
+    """The family encoders (BERT post-norm, ViT and CLIP pre-norm) as one `Encoder` named "encoder"; call it inside
+    a compact `__call__` as `encoder(...)(x, mask, train=train)`."""
+    block = functools.partial(
+        Block,
+        num_heads,
+        mlp_dim,
+        act,
+        pre_norm=pre_norm,
+        eps=eps,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    return Encoder(num_layers, block, name="encoder")
+
+
+class Pooler(nn.Module):
+    """act(dense(first token)): BERT's and ViT's `pooler_output` (tanh unless the config says otherwise)."""
+
+    width: int
+    act: str = "tanh"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")
+        return activation(self.act)(dense(x[:, 0]))
+
+
+def check_transformer_config(c, what: str = "config") -> None:
+    """Options the shared blocks do not implement are errors at build time, never silently different numbers."""
+    activation(c.hidden_act)
+    if c.hidden_size % c.num_attention_heads:
+        raise ValueError(
+            f"{what}: hidden_size={c.hidden_size} is not divisible by num_attention_heads={c.num_attention_heads}"
+        )
+    head_dim = getattr(c, "head_dim", None)
+    if head_dim is not None and head_dim * c.num_attention_heads != c.hidden_size:
+        raise ValueError(f"{what}: head_dim={head_dim} is not supported (must equal hidden_size / num_attention_heads)")
+
+
 def padding_mask(attention_mask):
     """(batch, kv_len) 0/1 mask -> boolean (batch, 1, 1, kv_len) for `jax.nn.dot_product_attention`."""
     return attention_mask.astype(bool)[:, None, None, :]
@@ -155,13 +212,19 @@ def hidden_size(hf_config) -> int:
     return hf_config.hidden_size
 
 
+def layer_id_by_prefix(path: str, n_layers: int, stem: tuple[str, ...], block: str) -> int:
+    """Depth of a parameter for layer-wise LR decay: paths under a `stem` prefix 0, `{block}{i}/...` i+1, the rest
+    (final norms, poolers, projections, heads) n_layers+1. Every family's `layer_id` is this with its prefixes."""
+    if path.startswith(stem):
+        return 0
+    if path.startswith(block):
+        return int(path[len(block) :].split("/")[0]) + 1
+    return n_layers + 1
+
+
 def encoder_layer_id(path: str, n_layers: int) -> int:
     """Depth of a parameter for layer-wise LR decay: embeddings 0, `encoder/layer_i` i+1, above n_layers+1."""
-    if path.startswith("embeddings/"):
-        return 0
-    if path.startswith("encoder/layer_"):
-        return int(path.split("/")[1].removeprefix("layer_")) + 1
-    return n_layers + 1
+    return layer_id_by_prefix(path, n_layers, ("embeddings/",), "encoder/layer_")
 
 
 def encoder_block_regex(i: int) -> str:

@@ -23,11 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax import tree
-from tljax.models import families, hub
-from tljax.models.heads import ClassificationHead, WithHead
+from tljax.models import families, head_io, hub
+from tljax.models.heads import WithHead
 from tljax.models.hub import CheckpointError
-
-HEAD_FILE = "tljax_head.safetensors"
 
 
 @dataclass
@@ -60,7 +58,7 @@ def _preview(items: Sequence[str], n: int = 6) -> str:
 
 @dataclass(frozen=True)
 class Pretrained:
-    """A loaded model. Unpacks as `model, params = load_pretrained(...)`; `.variables` adds BatchNorm stats."""
+    """A loaded model: `model.apply(loaded.variables, ...)`; `variables` = params plus BatchNorm statistics."""
 
     model: nn.Module
     params: dict
@@ -68,9 +66,6 @@ class Pretrained:
     report: LoadReport
     hf_config: Any
     family: ModuleType
-
-    def __iter__(self):
-        return iter((self.model, self.params))
 
     @property
     def variables(self) -> dict:
@@ -95,46 +90,53 @@ def load_pretrained(
 ) -> Pretrained:
     """Loads an HF checkpoint into a tljax linen model.
 
+    Heads: with `num_classes` (or `head=`) the model is `WithHead(backbone, head)` with params `backbone/...` and
+    `head/...`. A head the checkpoint holds is loaded, never silently replaced: a folder written by
+    `save_pretrained` (its `tljax_head` config entry) or a transformers classification checkpoint
+    (BertForSequenceClassification, RobertaForSequenceClassification, ViTForImageClassification,
+    ResNetForImageClassification). Its class count, layout and pooling must match the request (pooling defaults to
+    the one it was trained on), else `CheckpointError`; `reinit=[r"^head/"]` starts a new head instead. Without head
+    arguments, a folder written by `save_pretrained` comes back with its head; an HF classification checkpoint
+    gives the backbone, its classifier reported as ignored.
+
     Args:
-      name_or_path: local HF folder (config.json + model.safetensors) or hub id (cache honours HF_HUB_OFFLINE).
+      name_or_path: local HF folder (config.json + model.safetensors) or hub id such as "bert-base-uncased" or
+        "google/vit-base-patch16-224" (hub cache; honours HF_HUB_OFFLINE).
       dtype: compute dtype ("float32" or "bfloat16"). param_dtype: parameter dtype (defaults to `dtype`).
       head: a head module attached over pooled features (`WithHead`; params split into backbone/ and head/).
-      num_classes: shorthand for `head=ClassificationHead(num_classes)`.
-      pooling: features for the head: "cls", "mean", "pooler", ... (family default when None).
+      num_classes: shorthand for `head=ClassificationHead(num_classes)` (a positive int).
+      pooling: features for the head: "cls", "mean", "pooler", ... (checkpoint head's or family default).
       reinit: regexes over parameter paths to initialise fresh instead of loading (each must match).
       ignore: regexes over checkpoint keys to drop on purpose (each must match).
       allow_pickle: permit `pytorch_model.bin` (unpickling runs code; safetensors needs no opt-in).
       family_options: passed to the family's `build` (e.g. `image_size=384` for ViT).
 
     Returns:
-      `Pretrained(model, params, state, report, hf_config, family)`; unpacks as `(model, params)`.
+      `Pretrained(model, params, state, report, hf_config, family)`; `.variables` for `model.apply`.
     """
     folder = hub.resolve(name_or_path, revision=revision, allow_pickle=allow_pickle)
-    fam = families.family(hub.read_config_dict(folder).get("model_type"))
+    raw_config = hub.read_config_dict(folder)
+    fam = families.family(raw_config.get("model_type"))
     hf_config = _hf_config(folder)
     state_dict = _normalise_keys(hub.read_state_dict(folder, allow_pickle=allow_pickle), fam.PREFIXES)
+    reinit_res, ignore_res = _compile("reinit", reinit), _compile("ignore", ignore)
+    new_head = any(r.search("head/out/kernel") for r in reinit_res)
+    found = head_io.find(folder, raw_config, fam, hf_config, state_dict)
     dtype = jnp.dtype(dtype)
-    backbone = fam.build(
-        hf_config,
-        dtype=dtype,
-        param_dtype=jnp.dtype(param_dtype or dtype),
-        checkpoint_keys=set(state_dict),
-        **family_options,
-    )
-    if num_classes is not None and head is None:
-        head = ClassificationHead(num_classes, dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype))
-    model = WithHead(backbone, head, pooling or fam.DEFAULT_POOLING) if head is not None else backbone
+    dtypes = dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype))
+    head, pooling = head_io.requested(head, num_classes, pooling, found, fam, new_head, **dtypes)
+    backbone = fam.build(hf_config, checkpoint_keys=set(state_dict), **dtypes, **family_options)
+    model = WithHead(backbone, head, pooling) if head is not None else backbone
+    take_head = head is not None and found is not None and not new_head
+    if take_head:
+        head_io.check_pooling(found, pooling)
+    checkpoint_head = (found.tensors, found.sources) if take_head else ({}, {})
     variables, report = _merge(
-        model,
-        fam,
-        hf_config,
-        state_dict,
-        str(name_or_path),
-        reinit,
-        ignore,
-        seed,
+        model, fam, hf_config, state_dict, checkpoint_head, str(name_or_path), reinit_res, ignore_res, seed,
         prefix="backbone/" if head is not None else "",
-    )
+    )  # fmt: skip
+    if found is not None and not take_head:
+        report.ignored = sorted(report.ignored + found.keys)
     if verbose:
         print(report)
     variables = tree.unflatten(variables)
@@ -165,7 +167,9 @@ def _collection_free(path: str) -> str:
     return path.split("/", 1)[1]
 
 
-def _merge(model, fam, hf_config, state_dict, source, reinit, ignore, seed, prefix):
+def _merge(model, fam, hf_config, state_dict, head, source, reinit_res, ignore_res, seed, prefix):
+    """Checkpoint tensors (plus `head` = (tensors, their source keys) of a checkpoint head) -> model variables."""
+    head_tensors, head_sources = head
     dummy = fam.dummy_inputs(hf_config)
     rngs = {"params": jax.random.key(seed)}
     shapes = tree.flatten(jax.eval_shape(lambda: model.init(rngs, **dummy)))
@@ -173,6 +177,8 @@ def _merge(model, fam, hf_config, state_dict, source, reinit, ignore, seed, pref
     converted, src = keymap.to_flax(state_dict)
     converted = {_add_prefix(p, prefix): v for p, v in converted.items()}
     src = {_add_prefix(p, prefix): k for p, k in src.items()}
+    converted.update(head_tensors)
+    src.update(head_sources)
     report = LoadReport(
         source,
         hf_config.model_type,
@@ -180,9 +186,8 @@ def _merge(model, fam, hf_config, state_dict, source, reinit, ignore, seed, pref
     )
     if hasattr(fam, "adapt"):
         report.adapted = fam.adapt(converted, shapes, hf_config, prefix)
-    ignore_res, reinit_res = _compile("ignore", ignore), _compile("reinit", reinit)
     report.ignored = _check_unexpected(keymap.unmapped(state_dict), converted, src, shapes, fam.IGNORE, ignore_res)
-    to_init = _to_reinit(shapes, converted, src, reinit_res, prefix)
+    to_init = _to_reinit(shapes, converted, src, reinit_res, prefix, has_head=bool(head_tensors))
     _check_patterns_used("ignore", ignore_res, state_dict)
     _check_patterns_used("reinit", reinit_res, [_collection_free(p) for p in shapes])
     out = {p: jnp.asarray(converted[p], dtype=shapes[p].dtype) for p in shapes if p not in to_init}
@@ -200,7 +205,13 @@ def _add_prefix(path: str, prefix: str) -> str:
 def _compile(what: str, patterns: Iterable[str]) -> list[re.Pattern]:
     if isinstance(patterns, str):
         raise TypeError(f"{what} takes a list of regexes, got the string {patterns!r}; wrap it: [{patterns!r}]")
-    return [re.compile(p) for p in patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as e:
+            raise CheckpointError(f"{what}=: invalid regex {p!r}: {e}") from e
+    return out
 
 
 def _check_patterns_used(what: str, regexes: list[re.Pattern], names: Iterable[str]) -> None:
@@ -219,21 +230,30 @@ def _check_unexpected(unmapped, converted, src, shapes, family_ignore, user_igno
     if unexpected:
         raise CheckpointError(
             f"{len(unexpected)} checkpoint tensor(s) have no place in the model: {_preview(unexpected, 10)}. "
-            "Either the config does not match the weights, or these belong to a head the backbone does not have; "
-            "pass ignore=[regex, ...] to drop them on purpose."
+            "Either the config does not match the weights, or these belong to a head the model does not have; "
+            "pass ignore=[regex, ...] to drop them on purpose (or reinit=[r'^head/'] for a new head)."
         )
     return sorted(ignored)
 
 
-def _to_reinit(shapes, converted, src, reinit_res, prefix) -> list[str]:
-    """Model variables to initialise fresh: a new head, reinit patterns; missing or mis-shaped ones are errors."""
+def _to_reinit(shapes, converted, src, reinit_res, prefix, has_head: bool) -> list[str]:
+    """Model variables to initialise fresh: a new head (the checkpoint has none), reinit patterns; missing or
+    mis-shaped ones are errors."""
     to_init, missing = [], []
     for path, shape in shapes.items():
         name = _collection_free(path)
-        if (prefix and name.startswith("head/")) or any(r.search(name) for r in reinit_res):
+        is_head = bool(prefix) and name.startswith("head/")
+        if (is_head and not has_head) or any(r.search(name) for r in reinit_res):
             to_init.append(path)
         elif path not in converted:
             missing.append(name)
+        elif converted[path].shape != shape.shape and is_head:
+            got, want = tuple(converted[path].shape), tuple(shape.shape)
+            classes = f" ({got[-1]} classes, {want[-1]} requested)" if name.endswith("out/bias") else ""
+            raise CheckpointError(
+                f"the checkpoint's head does not match the requested one{classes}: {src[path]!r} has shape {got} "
+                f"but {name!r} expects {want}; {head_io.NEW_HEAD}"
+            )
         elif converted[path].shape != shape.shape:
             raise CheckpointError(
                 f"shape mismatch: checkpoint tensor {src[path]!r} has shape {tuple(converted[path].shape)} but "
@@ -243,7 +263,8 @@ def _to_reinit(shapes, converted, src, reinit_res, prefix) -> list[str]:
     if missing:
         raise CheckpointError(
             f"{len(missing)} model parameter(s) are not in the checkpoint: {_preview(missing, 10)}. Pass "
-            "reinit=[regex, ...] to initialise them fresh (e.g. a new head), or check that config.json matches."
+            "reinit=[regex, ...] to initialise them fresh (e.g. reinit=[r'^head/'] for a new head), or check that "
+            "config.json matches."
         )
     return to_init
 
@@ -262,17 +283,23 @@ def save_pretrained(
     *,
     params: Mapping | None = None,
     state: Mapping | None = None,
+    label_names: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Writes params back as an HF folder (config.json + model.safetensors with HF key names).
+    """Writes the model as an HF folder (config.json + model.safetensors with HF key names) that
+    `load_pretrained(folder)` turns back into the same model, head included.
 
-    The folder appears atomically (written beside it, then renamed): a crash never leaves a half-written one.
-    Head parameters (`head/...`), which HF classes do not share, go to `tljax_head.safetensors` in Flax names.
+    A classification head that a transformers class shares (BERT and RoBERTa sequence classification, ViT and
+    ResNet image classification, with that class's pooling) is written in the class's key names with
+    `architectures` and `num_labels`, so the class loads the folder with the same logits; any other head goes to
+    `tljax_head.safetensors` in Flax names. The folder appears atomically (written beside it, then renamed): a
+    crash never leaves a half-written one, and an overwritten folder is replaced only once the new one is complete.
 
     Args:
       folder: destination; must not exist unless `overwrite=True`.
       loaded: the `Pretrained` that `load_pretrained` returned (gives family, config and structure).
       params, state: fine-tuned values to save instead of `loaded.params` / `loaded.state`.
+      label_names: class names, written as config.json `id2label` / `label2id`.
     """
     from safetensors.numpy import save_file
 
@@ -285,17 +312,26 @@ def save_pretrained(
     flat = {p: np.asarray(jnp.asarray(v, jnp.float32) if v.dtype == jnp.bfloat16 else v) for p, v in flat.items()}
     head = {p: v for p, v in flat.items() if _collection_free(p).startswith("head/")}
     body = {p.replace("/backbone/", "/", 1): v for p, v in flat.items() if p not in head}
-    tensors = loaded.family.key_map(loaded.hf_config).to_torch(body)
+    tensors, head_file, config = head_io.export(loaded.hf_config, loaded.family, loaded.model, body, head, label_names)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        loaded.hf_config.save_pretrained(tmp)
+        config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if head:
-            save_file(head, str(tmp / HEAD_FILE), metadata={"format": "flax"})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if head_file:
+            save_file(head_file, str(tmp / head_io.HEAD_FILE), metadata={"format": "flax"})
+        _replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _replace(new: Path, folder: Path) -> None:
+    """Moves `new` to `folder`; an existing `folder` is renamed aside first and deleted only after the move."""
+    if not folder.exists():
+        os.replace(new, folder)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+    os.replace(folder, old / folder.name)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)

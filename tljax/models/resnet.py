@@ -31,7 +31,7 @@ import numpy as np
 
 from tljax.models import layers
 from tljax.models.batchnorm import BatchNorm
-from tljax.models.convert import CONV, KeyMap, Rule
+from tljax.models.convert import CONV, HfClassifier, KeyMap, KeyRule, dense_rules
 
 MODEL_TYPES = ("resnet",)
 PREFIXES = ("resnet.",)  # base-model prefix of ResNetForImageClassification checkpoints
@@ -148,7 +148,7 @@ class ResNetModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pixel_values, *, train: bool = False):
+    def __call__(self, *, pixel_values, train: bool = False):
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"pixel_values must be NCHW with {self.num_channels} channels (HF layout), got shape "
@@ -216,11 +216,7 @@ def feature_dim(hf_config) -> int:
 
 def layer_id(path: str, n_layers: int) -> int:
     """Depth of a parameter for layer-wise LR decay: embedder 0, `stage_s` s+1, above n_layers+1."""
-    if path.startswith("embedder/"):
-        return 0
-    if path.startswith("stage_"):
-        return int(path.split("/")[0].removeprefix("stage_")) + 1
-    return n_layers + 1
+    return layers.layer_id_by_prefix(path, n_layers, ("embedder/",), "stage_")
 
 
 def block_regex(i: int) -> str:
@@ -228,7 +224,7 @@ def block_regex(i: int) -> str:
     return rf"^stage_{i}/"
 
 
-def conv_norm_rules(torch_name: str, flax_name: str) -> list[Rule]:
+def conv_norm_rules(torch_name: str, flax_name: str) -> list[KeyRule]:
     """HF `ResNetConvLayer`/`ResNetShortCut` (`convolution`, `normalization`) <-> `ConvNorm` (`conv`, `norm`).
 
     `flax_name` has no collection: the kernel and affine parameters go to "params", running statistics to
@@ -236,11 +232,11 @@ def conv_norm_rules(torch_name: str, flax_name: str) -> list[Rule]:
     """
     conv, norm = f"{torch_name}.convolution.", f"{torch_name}.normalization."
     return [
-        Rule(conv + "weight", f"params/{flax_name}/conv/kernel", CONV),
-        Rule(norm + "weight", f"params/{flax_name}/norm/scale"),
-        Rule(norm + "bias", f"params/{flax_name}/norm/bias"),
-        Rule(norm + "running_mean", f"batch_stats/{flax_name}/norm/mean"),
-        Rule(norm + "running_var", f"batch_stats/{flax_name}/norm/var"),
+        KeyRule(conv + "weight", f"params/{flax_name}/conv/kernel", CONV),
+        KeyRule(norm + "weight", f"params/{flax_name}/norm/scale"),
+        KeyRule(norm + "bias", f"params/{flax_name}/norm/bias"),
+        KeyRule(norm + "running_mean", f"batch_stats/{flax_name}/norm/mean"),
+        KeyRule(norm + "running_var", f"batch_stats/{flax_name}/norm/var"),
     ]
 
 
@@ -250,3 +246,9 @@ def key_map(hf_config) -> KeyMap:
     rules += conv_norm_rules(T + "shortcut", F + "shortcut")
     rules += conv_norm_rules(T + "layer.{k}", F + "conv_{k}")
     return KeyMap(rules)
+
+
+def classifier(hf_config) -> HfClassifier:
+    """ResNetForImageClassification: Flatten then a linear layer (`classifier.1`) on the pooled features."""
+    rules = tuple(dense_rules("classifier.1", "params/head/out"))
+    return HfClassifier("ResNetForImageClassification", "resnet.", "pooler", 0, rules)

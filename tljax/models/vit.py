@@ -15,7 +15,6 @@ table on every call instead, as HF's forward option does.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax.models import layers
-from tljax.models.convert import CONV, KeyMap, Rule, dense_rules, norm_rules
+from tljax.models.convert import CONV, HfClassifier, KeyMap, KeyRule, dense_rules, norm_rules
 
 MODEL_TYPES = ("vit",)
 PREFIXES = ("vit.",)  # base-model prefix of ViTForImageClassification / ViTForMaskedImageModeling checkpoints
@@ -130,20 +129,6 @@ class Embeddings(nn.Module):
             )
 
 
-class Pooler(nn.Module):
-    """act(dense(CLS token)): HF's `ViTPooler` (tanh by default; width `pooler_output_size`)."""
-
-    width: int
-    act: str = "tanh"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        dense = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")
-        return layers.activation(self.act)(dense(x[:, 0]))
-
-
 class ViTModel(nn.Module):
     """HF `ViTModel`: `pixel_values` (NCHW) in, `last_hidden_state` (+ `pooler_output`) out."""
 
@@ -166,7 +151,7 @@ class ViTModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pixel_values, interpolate_pos_encoding: bool = False, *, train: bool = False):
+    def __call__(self, *, pixel_values, interpolate_pos_encoding: bool = False, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Embeddings(
             self.hidden_size,
@@ -178,8 +163,8 @@ class ViTModel(nn.Module):
             **kw,
         )(pixel_values, interpolate_pos_encoding)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        block = functools.partial(
-            layers.Block,
+        encoder = layers.encoder(
+            self.num_layers,
             self.num_heads,
             self.intermediate_size,
             self.act,
@@ -189,23 +174,21 @@ class ViTModel(nn.Module):
             attention_dropout=self.attention_dropout,
             **kw,
         )
-        x = layers.Encoder(self.num_layers, block, name="encoder")(x, train=train)
+        x = encoder(x, train=train)
         x = nn.LayerNorm(self.eps, name="final_norm", **kw)(x)
         out = {"last_hidden_state": x}
         if self.add_pooling_layer:
-            out["pooler_output"] = Pooler(self.pooler_size or self.hidden_size, self.pooler_act, name="pooler", **kw)(x)
+            out["pooler_output"] = layers.Pooler(
+                self.pooler_size or self.hidden_size, self.pooler_act, name="pooler", **kw
+            )(x)
         return out
 
 
 def _check_supported(c) -> None:
     """Options the linen model does not implement are errors, never silently different numbers."""
+    layers.check_transformer_config(c)
     if not getattr(c, "qkv_bias", True):
         raise ValueError("qkv_bias=False is not supported (layers.Attention has biases on query/key/value)")
-    head_dim = getattr(c, "head_dim", None)
-    if head_dim is not None and head_dim * c.num_attention_heads != c.hidden_size:
-        raise ValueError(f"head_dim={head_dim} is not supported (must equal hidden_size / num_attention_heads)")
-    if c.hidden_size % c.num_attention_heads:
-        raise ValueError(f"hidden_size={c.hidden_size} is not divisible by num_attention_heads={c.num_attention_heads}")
 
 
 def build(
@@ -300,10 +283,10 @@ layer_id, block_regex = layers.encoder_layer_id, layers.encoder_block_regex
 def key_map(hf_config) -> KeyMap:
     """Torch keys as `save_pretrained` writes them (the hub layout: `encoder.layer.{i}.attention.attention.*`)."""
     L, P = "encoder.layer.{i}.", "params/encoder/layer_{i}/"
-    rules = [Rule(f"embeddings.{n}", f"params/embeddings/{n}") for n in ("cls_token", "position_embeddings")]
+    rules = [KeyRule(f"embeddings.{n}", f"params/embeddings/{n}") for n in ("cls_token", "position_embeddings")]
     rules += [
-        Rule("embeddings.patch_embeddings.projection.weight", "params/embeddings/patch_embeddings/kernel", CONV),
-        Rule("embeddings.patch_embeddings.projection.bias", "params/embeddings/patch_embeddings/bias"),
+        KeyRule("embeddings.patch_embeddings.projection.weight", "params/embeddings/patch_embeddings/kernel", CONV),
+        KeyRule("embeddings.patch_embeddings.projection.bias", "params/embeddings/patch_embeddings/bias"),
     ]
     pairs = [
         ("attention.attention.query", "attention/query"),
@@ -320,3 +303,10 @@ def key_map(hf_config) -> KeyMap:
     rules += norm_rules("layernorm", "params/final_norm")
     rules += dense_rules("pooler.dense", "params/pooler/dense")
     return KeyMap(rules)
+
+
+def classifier(hf_config) -> HfClassifier:
+    """ViTForImageClassification: a linear classifier on the final-normed CLS token."""
+    return HfClassifier(
+        "ViTForImageClassification", "vit.", "cls", 0, tuple(dense_rules("classifier", "params/head/out"))
+    )
