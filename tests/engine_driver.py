@@ -2,11 +2,13 @@
 
     python tests/engine_driver.py --model DIR --workdir W --steps 8 --every 2 [--kill-at 5 | --kill-in-save 4 |
         --sigterm-at 3 | --nan-at 5] [--parallel data] [--devices N] [--coordinator 127.0.0.1:PORT
-        --num-processes 2 --process-id I] [--out params.npz]
+        --num-processes 2 --process-id I] [--pipeline] [--out params.npz]
 
 Faults are injected from outside the engine: the data iterator kills or signals the process when it is asked for
 a given step's batch, feeds token ids out of the vocabulary (NaN embeddings) for --nan-at, and --kill-in-save
 SIGKILLs the process inside orbax's commit of a step, after the files are written but before the atomic rename.
+With --pipeline the batches come from a tljax grain pipeline (`data.TrainData`: shuffled epochs, a random
+per-example transform, per-process shards) instead of a hand-written generator.
 """
 
 from __future__ import annotations
@@ -65,6 +67,36 @@ def data(args, process_index: int, process_count: int):
     return iterator
 
 
+def token_split(n: int = 40):
+    """A text-like split of pre-tokenised records (the tiny model has no tokenizer)."""
+    from tljax.data.records import ArrayRecords, Split
+
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, VOCAB, (n, SEQ)).astype(np.int32)
+    labels = rng.randint(0, 3, n).astype(np.int64)
+    return Split("tokens:train", ArrayRecords({"input_ids": ids, "label": labels}), labels, ("a", "b", "c"), "text")
+
+
+def token_dropout(record, rng):
+    """A random per-example transform: replace ~25% of the tokens by id 1 (seeded per stream position)."""
+    ids = np.where(rng.random(SEQ) < 0.25, 1, record["input_ids"]).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones(SEQ, np.int32), "labels": np.int32(record["label"])}
+
+
+def pipeline_data(args):
+    from tljax.data import TrainData
+
+    stream = TrainData(token_split(), batch_size=GLOBAL_BATCH, seed=3, random_transform=token_dropout)
+
+    def iterator(start: int):
+        for step, batch in zip(itertools.count(start), stream(start), strict=False):
+            if step == args.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+    return iterator
+
+
 def kill_inside_commit(step: int) -> None:
     """SIGKILL while orbax commits `step`: files written to the temporary directory, rename not done."""
     from orbax.checkpoint._src.path import atomicity
@@ -94,6 +126,7 @@ def parse(argv):
     p.add_argument("--coordinator")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--pipeline", action="store_true")
     p.add_argument("--out")
     return p.parse_args(argv)
 
@@ -127,7 +160,8 @@ def main(argv=None) -> int:
         optimizer={"weight_decay": 0.01},
     )
     try:
-        result = engine.fit(loaded, sched, data(args, jax.process_index(), jax.process_count()), config)
+        train = pipeline_data(args) if args.pipeline else data(args, jax.process_index(), jax.process_count())
+        result = engine.fit(loaded, sched, train, config)
     except engine.NonFiniteLossError as e:
         print(f"NONFINITE: {e}", flush=True)
         return 3

@@ -1,0 +1,33 @@
+"""Benchmarks that print one JSON object per line (`{"name", "metric", "value", ...}`), ratios measured side by side
+in one run.
+
+    python -m experiments.bench freeze            # real MiniLM-L6, batch 32, seq 128 (CPU: a few minutes)
+    python -m experiments.bench freeze --quick    # tiny random BERT, seconds
+    python -m experiments.bench schedule          # gradual unfreezing: step and compile time per phase
+    python -m experiments.bench fsdp              # bytes of params + optimizer state per device, data vs FSDP
+    python -m experiments.bench pipeline          # input pipeline examples/s vs the train step's consumption
+
+Each benchmark is a module of this package with `run(quick: bool) -> list[dict]`; its docstring says what it
+measures. `fsdp` runs on 8 fake CPU devices unless XLA_FLAGS already sets a device count (on an accelerator host:
+its devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+BENCHMARKS = ("freeze", "schedule", "fsdp", "pipeline")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=BENCHMARKS)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, a few seconds")
+    args = parser.parse_args(argv)
+    if args.benchmark == "fsdp" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # before the first device query: JAX reads XLA_FLAGS when it creates the CPU backend
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    importlib.import_module(f"experiments.bench.{args.benchmark}").run(args.quick)
+    return 0

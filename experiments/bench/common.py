@@ -1,0 +1,76 @@
+"""What every benchmark shares: JSON lines, a timer, the benchmark model and its batch."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+import tljax.models as tm
+from tljax.assets import minilm_path
+
+
+def emit(name: str, metric: str, value, **extra) -> dict:
+    """Prints one JSON line and returns it."""
+    row = {"name": name, "metric": metric, "value": value, **extra}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def time_fn(fn: Callable, *args, reps: int, warmup: int = 2) -> float:
+    """Median wall seconds of `fn(*args)` (blocked until ready) after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def tiny_bert_dir() -> str:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp(prefix="tljax-bench-")
+    cfg = BertConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def token_batch(batch: int, seq: int, vocab: int, classes: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "input_ids": rng.integers(1000 % vocab, vocab, (batch, seq)).astype(np.int32),
+        "attention_mask": np.ones((batch, seq), np.int32),
+        "labels": rng.integers(0, classes, (batch,)).astype(np.int32),
+    }
+
+
+def setup(quick: bool):
+    """The benchmark model (real MiniLM-L6, batch 32 x 128; tiny random BERT with --quick), a batch, and the
+    fields every JSON line carries."""
+    folder, batch_size, seq = (tiny_bert_dir(), 8, 32) if quick else (str(minilm_path()), 32, 128)
+    loaded = tm.load_pretrained(folder, num_classes=4, pooling="mean")
+    batch = token_batch(batch_size, seq, loaded.hf_config.vocab_size, 4)
+    common = {
+        "model": "tiny-bert" if quick else "all-MiniLM-L6-v2",
+        "batch": batch_size,
+        "seq": seq,
+        "device": jax.devices()[0].platform,
+    }
+    return loaded, batch, common
