@@ -137,7 +137,7 @@ def test_checkpoint_policy_keeps_latest_and_best(loaded, tmp_path):
     evals = {r["step"]: r["loss"] for r in rows if r["split"] == "eval"}
     best = min(evals, key=evals.get)
     ckpts = Checkpoints(tmp_path / "best" / "checkpoints", CheckpointConfig(best_metric="loss", best_mode="min"))
-    assert set(ckpts.all_steps()) == {best, 8} and ckpts.best_step() == best
+    assert set(ckpts.all_steps()) == {best, 4, 8} and ckpts.best_step() == best  # 4: the probe phase's end
     assert result.eval["loss"] == pytest.approx(evals[8])
     ckpts.close()
 
@@ -281,3 +281,50 @@ def test_a_config_mismatch_is_an_error_not_damage(loaded, tmp_path):
     with pytest.raises(RuntimeError, match="no checkpoint in .* restores; the newest"):
         fit(loaded, tmp_path, "x", steps=6, devices=1, checkpoint={"every": 2}, optimizer={"optimizer": "sgd"})
     assert not (tmp_path / "x" / "checkpoints.corrupt").exists()
+
+
+def test_every_phase_ends_with_an_evaluation_and_a_kept_checkpoint(loaded, tmp_path):
+    """LP-FT reports the probe beside the fine-tune: each phase's last step is evaluated and its checkpoint kept
+    (keep=1 would otherwise delete it) and restorable."""
+    result = fit(loaded, tmp_path, "phases", evaluate=True, devices=1, checkpoint={"every": 1, "keep": 1})
+    phases = result.phase_evals()
+    assert list(phases) == ["probe", "finetune"] and [e["step"] for e in result.evals] == [3, 6]
+    assert [h.eval for h in result.history] == [phases["probe"], phases["finetune"]]
+    ckpts = Checkpoints(tmp_path / "phases" / "checkpoints")
+    assert ckpts.all_steps() == [3, 6]
+    ckpts.close()
+    probe = engine.restore_state(loaded, result.plan, tmp_path / "phases", 3, EngineConfig(devices=1))
+    assert int(probe.step) == 3
+    again = evaluation.evaluate(loaded, eval_data(), params=probe.params, collections=probe.collections)
+    assert again["accuracy"] == phases["probe"]["accuracy"]
+    assert json.loads((tmp_path / "phases" / "evals.json").read_text()) == result.evals
+
+
+def test_evaluations_survive_a_resume(loaded, tmp_path):
+    cfg = EngineConfig(str(tmp_path / "r"), devices=1, progress=False, checkpoint=CheckpointConfig(every=1))
+    first = engine.fit(loaded, sched(loaded), _stop_after(5), cfg, eval_data=eval_data)
+    assert first.status == "preempted" and [e["step"] for e in first.evals] == [3]
+    resumed = engine.fit(loaded, sched(loaded), data, cfg, eval_data=eval_data)
+    assert [e["step"] for e in resumed.evals] == [3, 6] and list(resumed.phase_evals()) == ["probe", "finetune"]
+    assert resumed.evals[0] == first.evals[0]
+
+
+def test_early_stopping_watches_the_final_phase_and_a_rerun_stays_stopped(loaded, tmp_path):
+    """min_delta=10 makes every evaluation after the first of a phase a non-improvement: the probe phase runs to
+    its end anyway, the fine-tune stops after `patience` evaluations without improvement."""
+    cfg = EngineConfig.from_config(
+        {"workdir": str(tmp_path / "es"), "devices": 1, "progress": False, "eval_every": 1,
+         "early_stopping": {"metric": "loss", "mode": "max", "patience": 2, "min_delta": 10.0}}
+    )  # fmt: skip
+    assert cfg.checkpoint.best_metric == "loss" and cfg.checkpoint.best_mode == "max"
+    result = engine.fit(loaded, sched(loaded, steps=12), data, cfg, eval_data=eval_data)
+    assert result.status == "early_stopped" and int(result.state.step) == 9  # evals at 7, 8, 9: 8 and 9 not better
+    assert [e["step"] for e in result.evals] == list(range(1, 10))
+    evals = {e["step"]: e["metrics"]["loss"] for e in result.evals}
+    assert result.best_step == max(evals, key=evals.get)
+    rerun = engine.fit(loaded, sched(loaded, steps=12), data, cfg, eval_data=eval_data)
+    assert rerun.status == "early_stopped" and int(rerun.state.step) == 9 and rerun.history == []
+    with pytest.raises(ValueError, match="early_stopping watches 'loss' .* but checkpoint.best_metric is 'accuracy'"):
+        EngineConfig(
+            early_stopping=engine.EarlyStopping("loss", "min"), checkpoint=CheckpointConfig(best_metric="accuracy")
+        )

@@ -55,13 +55,24 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint keep and keep_best must be ints >= 1, got {self.keep!r}, {self.keep_best!r}")
 
 
+class KeepSteps:
+    """An orbax preservation policy keeping the checkpoints of given steps (phase ends), set once the plan is known."""
+
+    def __init__(self):
+        self.steps: set[int] = set()
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpoints:
     """A thin owner of one `ocp.CheckpointManager` for a work directory."""
 
     def __init__(self, directory: str | os.PathLike, config: CheckpointConfig = CheckpointConfig()):
         self.config = config
         self.directory = Path(directory).absolute()
-        policies = [pp.LatestN(config.keep)]
+        self.kept_steps = KeepSteps()
+        policies = [pp.LatestN(config.keep), self.kept_steps]
         if config.best_metric:
             metric = config.best_metric
             policies.append(

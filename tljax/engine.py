@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,32 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when the eval `metric` has not improved by more than `min_delta` for `patience` evaluations in a row.
+
+    Watches the final phase of a schedule only (earlier phases run to their end: a plateaued linear probe must not
+    cancel LP-FT's fine-tune). The best checkpoint by `metric` is kept, so a job can restore it for the test
+    evaluation.
+    """
+
+    metric: str = "accuracy"
+    mode: str = "max"
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"early_stopping mode must be 'max' or 'min', got {self.mode!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"early_stopping patience must be an int >= 1, got {self.patience!r}")
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best + self.min_delta if self.mode == "max" else value < best - self.min_delta
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """How to train (what to train is the model and the freezing schedule).
 
@@ -62,6 +89,7 @@ class EngineConfig:
       steps_per_epoch: resolves phases given in epochs.
       frozen_batchnorm: "inference" (BatchNorm layers a phase freezes use and keep their running statistics, as
         Keras does) or "train" (batch statistics, updated running statistics).
+      early_stopping: an `EarlyStopping` (or None); it sets `checkpoint.best_metric` to its metric when unset.
     """
 
     workdir: str | None = None
@@ -78,6 +106,20 @@ class EngineConfig:
     progress: bool = True
     tensorboard: bool = True
     frozen_batchnorm: str = "inference"
+    early_stopping: EarlyStopping | None = None
+
+    def __post_init__(self):
+        es, ck = self.early_stopping, self.checkpoint
+        if es is None:
+            return
+        if ck.best_metric is None:
+            object.__setattr__(self, "checkpoint", replace(ck, best_metric=es.metric, best_mode=es.mode))
+        elif (ck.best_metric, ck.best_mode) != (es.metric, es.mode):
+            raise ValueError(
+                f"early_stopping watches {es.metric!r} ({es.mode}) but checkpoint.best_metric is "
+                f"{ck.best_metric!r} ({ck.best_mode}): the restored best checkpoint must be the one early stopping "
+                "judged best; make them agree (or leave checkpoint.best_metric unset)"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> EngineConfig:
@@ -85,6 +127,8 @@ class EngineConfig:
         cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
         if isinstance(cfg.get("checkpoint"), Mapping):
             cfg["checkpoint"] = from_fields(CheckpointConfig, cfg["checkpoint"], "checkpoint config key")
+        if isinstance(cfg.get("early_stopping"), Mapping):
+            cfg["early_stopping"] = from_fields(EarlyStopping, cfg["early_stopping"], "early_stopping config key")
         return from_fields(cls, cfg, "engine config key")
 
 
@@ -100,16 +144,27 @@ class PhaseRecord:
     opt_state_bytes: int
     compile_seconds: float
     step_seconds: float
-    metrics: dict
+    metrics: dict  # the last training metrics of the phase
+    eval: dict = field(default_factory=dict)  # the evaluation at the phase's last step (when eval_data is given)
 
 
 @dataclass
 class FitResult:
+    """What `fit` returns. `history` covers the phases this call trained (a resumed run: from the resumed one on);
+    `evals` every evaluation of the run, resumed ones included."""
+
     state: TrainState  # the final state on its devices (pmap: the first replica); `jax.device_get` to fetch
     history: list[PhaseRecord]
-    status: str  # "completed" or "preempted"
+    status: str  # "completed", "early_stopped" or "preempted"
     eval: dict  # the last evaluation's metrics
     plan: freezing.Plan
+    evals: list[dict] = field(default_factory=list)  # {"step", "phase", "metrics"} per evaluation, in order
+    best_step: int | None = None  # the best checkpoint's step by checkpoint.best_metric (None: not tracked)
+
+    def phase_evals(self) -> dict[str, dict]:
+        """Phase name -> the eval metrics at its last step (LP-FT: the probe's accuracy beside the final one)."""
+        ends = {p.stop: p.name for p in self.plan.phases}
+        return {ends[e["step"]]: e["metrics"] for e in self.evals if e["step"] in ends}
 
 
 def initialize_distributed(**kwargs) -> None:
@@ -169,6 +224,38 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class EvalLog:
+    """Every evaluation of a run (`{"step", "phase", "metrics"}`), kept in `workdir/evals.json` so a resumed run
+    still knows the evaluations before its checkpoint (per-phase results, early stopping); written atomically by
+    process 0. Evaluations after the step a run resumes from are dropped: the resumed run measures them again."""
+
+    FILE = "evals.json"
+
+    def __init__(self, workdir: str | None):
+        self.path = Path(workdir) / self.FILE if workdir is not None else None
+        self.rows: list[dict] = []
+
+    def resume(self, step: int) -> None:
+        if self.path is not None and self.path.is_file():
+            self.rows = [r for r in json.loads(self.path.read_text()) if r["step"] <= step]
+
+    def at(self, step: int) -> bool:
+        return any(r["step"] == step for r in self.rows)
+
+    def add(self, step: int, phase: str, metrics: dict) -> None:
+        self.rows = [r for r in self.rows if r["step"] != step] + [{"step": step, "phase": phase, "metrics": metrics}]
+        if self.path is not None and jax.process_index() == 0:
+            write_json_atomic(self.path, self.rows)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Writes JSON beside `path` and renames it into place: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def initial_state(loaded, part: partition.Partition, placement: Placement, seed: int = 0) -> TrainState:
     """A fresh `TrainState` built where it lives: params placed shard by shard, optimizer state created inside jit
     with output shardings. The state is a copy (steps donate it), so `loaded` stays usable."""
@@ -187,6 +274,19 @@ def abstract_state(loaded, plan: freezing.Plan, step: int) -> TrainState:
     """Shapes and dtypes of the `TrainState` saved after `step` steps of `plan` (a restore target)."""
     part = plan.phases[plan.producing_phase(step)].partition
     return jax.eval_shape(lambda: init_state(loaded.params, part.tx, loaded.state))
+
+
+def restore_state(loaded, plan: freezing.Plan, workdir: str | os.PathLike, step: int, config=None) -> TrainState:
+    """The `TrainState` saved after `step` steps of `plan` in `workdir` (e.g. a `FitResult.best_step`, or a phase's
+    end), placed as `config` (default: data parallel on all devices) would train it."""
+    config = config or EngineConfig()
+    place = Placement(config.parallel, config.devices, config.fsdp_min_size)
+    ckpts = Checkpoints(Path(workdir) / "checkpoints", config.checkpoint)
+    try:
+        abstract = abstract_state(loaded, plan, step)
+        return ckpts.restore(step, abstract_with_shardings(abstract, place.shardings(abstract)))
+    finally:
+        ckpts.close()
 
 
 def fit(
@@ -238,6 +338,7 @@ class _Run:
         self.eval_step = jax.jit(evaluation.make_eval_step(loaded.model))
         self.history: list[PhaseRecord] = []
         self.last_eval: dict = {}
+        self.evals = EvalLog(config.workdir)
 
     def close(self):
         if self.ckpts is not None:
@@ -256,6 +357,9 @@ class _Run:
             data = _iterator(self.train_data, start)
             first = self._next(data, start)
         self.saved_step = start or None
+        self.evals.resume(start)
+        if self.ckpts:
+            self.ckpts.kept_steps.steps = {p.stop for p in self.plan.phases}  # phase ends: restorable for reports
         self.writer = MetricWriter(
             self.config.workdir,
             total_steps=self.plan.total_steps,
@@ -264,6 +368,8 @@ class _Run:
             tensorboard=self.config.tensorboard,
         )
         index, status = self.plan.phase_at(start), "completed"
+        if 0 < start < self.plan.total_steps and self._should_stop(self.plan.phases[self.plan.producing_phase(start)]):
+            index, status = len(self.plan.phases), "early_stopped"  # a finished early-stopped run: nothing to do
         previous = self.plan.phases[self.plan.producing_phase(start)].partition if start else None
         with Preemption() as self.preemption:
             while index < len(self.plan.phases) and status == "completed":
@@ -276,7 +382,9 @@ class _Run:
             self._save(host, None)
         if self.ckpts:
             self.ckpts.wait()
-        return FitResult(host, self.history, status, self.last_eval, self.plan)
+        best = self.ckpts.best_step() if self.ckpts else None
+        last = self.last_eval or (self.evals.rows[-1]["metrics"] if self.evals.rows else {})
+        return FitResult(host, self.history, status, last, self.plan, list(self.evals.rows), best)
 
     def _resolve(self, batch):
         """Unused parameters, number of classes and the plan, from the model, the loss and one batch's shapes."""
@@ -362,8 +470,8 @@ class _Run:
             preempted = self.preemption.reached(s + 1)
             if self._due(s + 1, phase.stop) or preempted:
                 metrics = self._flush(pending, batch)
-                status = self._periodic(s + 1, state, preempted)
-                if status == "preempted":
+                status = self._periodic(s + 1, state, preempted, phase)
+                if status != "completed":
                     break
         metrics = self._flush(pending, batch) or metrics
         jax.block_until_ready(state)
@@ -379,6 +487,7 @@ class _Run:
                 compile_s,
                 (time.perf_counter() - t0) / max(1, end - begin),
                 metrics,
+                self.last_eval if end == phase.stop and self.evals.at(end) else {},
             )
         )
         return state, status
@@ -411,24 +520,48 @@ class _Run:
                 self.writer.write(step, "train", metrics, **extra)
         return metrics
 
-    def _periodic(self, step: int, state, preempted: bool) -> str:
-        """Evaluation and checkpoint at `step`; eval metrics go only with the checkpoint of the step they measured."""
+    def _periodic(self, step: int, state, preempted: bool, phase: freezing.PlannedPhase) -> str:
+        """Evaluation and checkpoint at `step`; eval metrics go only with the checkpoint of the step they measured.
+        Every phase ends with an evaluation and a kept checkpoint (LP-FT reports the probe beside the fine-tune)."""
         c = self.config
-        final = step == self.plan.total_steps
+        phase_end = step == phase.stop
         measured = None
-        if self.eval_data is not None and (final or (c.eval_every and step % c.eval_every == 0)):
-            measured = self._evaluate(step, state)
+        if self.eval_data is not None and (phase_end or (c.eval_every and step % c.eval_every == 0)):
+            measured = self._evaluate(step, state, phase)
+        stop = measured is not None and not phase_end and self._should_stop(phase)
         periodic = c.checkpoint.every and step % c.checkpoint.every == 0
         at_eval = measured is not None and c.checkpoint.best_metric is not None
-        if self.ckpts and (periodic or at_eval or final or preempted):
+        if self.ckpts and (periodic or at_eval or phase_end or preempted or stop):
             self._save(self.place.host_state(state), measured)
-        if preempted:
+        if preempted or stop:
             if self.ckpts:
                 self.ckpts.wait()
-            return "preempted"
+            if stop:
+                log.info("early stopping at step %d: %s", step, self.config.early_stopping)
+            return "preempted" if preempted else "early_stopped"
         return "completed"
 
-    def _evaluate(self, step: int, state) -> dict:
+    def _should_stop(self, phase: freezing.PlannedPhase) -> bool:
+        """Early stopping: the last `patience` evaluations of the final phase did not beat the best before them.
+
+        Only the final phase (the one that makes the final model) stops early: earlier phases of a schedule run to
+        their end (a plateaued linear probe must not cancel LP-FT's fine-tune)."""
+        es = self.config.early_stopping
+        if es is None or phase.index != len(self.plan.phases) - 1:
+            return False
+        if self.last_eval and es.metric not in self.last_eval:
+            raise ValueError(
+                f"early_stopping metric {es.metric!r} is not an eval metric; eval gives {sorted(self.last_eval)}"
+            )
+        values = [e["metrics"][es.metric] for e in self.evals.rows if phase.start < e["step"] <= phase.stop]
+        if len(values) <= es.patience:
+            return False
+        best = None
+        for v in values[: -es.patience]:
+            best = v if es.better(v, best) else best
+        return not any(es.better(v, best) for v in values[-es.patience :])
+
+    def _evaluate(self, step: int, state, phase: freezing.PlannedPhase) -> dict:
         params, collections = self.place.for_eval(state)
         self.last_eval = evaluation.evaluate(
             self.loaded,
@@ -440,6 +573,7 @@ class _Run:
             num_classes=self.classes,
         )
         self.writer.write(step, "eval", self.last_eval)
+        self.evals.add(step, phase.name, self.last_eval)
         return self.last_eval
 
     def _save(self, host_state, measured: dict | None):
