@@ -53,6 +53,24 @@ def tiny_roberta_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny_roberta"), RobertaModel(cfg).eval())
 
 
+@pytest.fixture(scope="session")
+def planted_hub(tmp_path_factory):
+    """A Hugging Face cache holding tiny stand-ins for the hub ids README and the configs use."""
+    from hub_stand_ins import plant_all
+
+    return plant_all(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture
+def hub_cache(planted_hub, monkeypatch):
+    """Points huggingface_hub at the planted cache, offline, for one test."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(planted_hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return planted_hub
+
+
 def token_batch(batch: int, length: int, vocab: int = 99, seed: int = 0, pad_id: int = 0):
     """Random ids with ragged right padding (row i keeps at least 1 token)."""
     rng = np.random.RandomState(seed)

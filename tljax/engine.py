@@ -339,6 +339,7 @@ class _Run:
         self.history: list[PhaseRecord] = []
         self.last_eval: dict = {}
         self.evals = EvalLog(config.workdir)
+        self.eval_seconds = 0.0
 
     def close(self):
         if self.ckpts is not None:
@@ -447,9 +448,8 @@ class _Run:
             axis_name=axis,
             frozen_batchnorm=self.config.frozen_batchnorm,
         )
-        t0 = time.perf_counter()
         step_fn = self.place.compile(factory, state, batch)
-        compile_s = time.perf_counter() - t0
+        compile_s = step_fn.compile_seconds
         log.info(
             "phase %d (%s): steps %d-%d, %s trainable, compiled in %.2fs",
             phase.index,
@@ -460,6 +460,7 @@ class _Run:
             compile_s,
         )
         t0, pending, metrics, status = time.perf_counter(), [], {}, "completed"
+        eval0 = self.eval_seconds
         for s in range(begin, phase.stop):
             if s > begin:
                 batch = self._placed(self._next(data, s), s)
@@ -484,8 +485,9 @@ class _Run:
                 end,
                 part.count("train"),
                 partition.state_nbytes(self.place.host_state(state).opt_state),
-                compile_s,
-                (time.perf_counter() - t0) / max(1, end - begin),
+                step_fn.compile_seconds,
+                (time.perf_counter() - t0 - (step_fn.compile_seconds - compile_s) - self.eval_seconds + eval0)
+                / max(1, end - begin),  # training only: later shapes' compiles and evaluations excluded
                 metrics,
                 self.last_eval if end == phase.stop and self.evals.at(end) else {},
             )
@@ -562,6 +564,7 @@ class _Run:
         return not any(es.better(v, best) for v in values[-es.patience :])
 
     def _evaluate(self, step: int, state, phase: freezing.PlannedPhase) -> dict:
+        t0 = time.perf_counter()
         params, collections = self.place.for_eval(state)
         self.last_eval = evaluation.evaluate(
             self.loaded,
@@ -574,6 +577,7 @@ class _Run:
         )
         self.writer.write(step, "eval", self.last_eval)
         self.evals.add(step, phase.name, self.last_eval)
+        self.eval_seconds += time.perf_counter() - t0
         return self.last_eval
 
     def _save(self, host_state, measured: dict | None):

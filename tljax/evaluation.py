@@ -316,7 +316,7 @@ def evaluate_detailed(
                 num_classes = task.num_classes(loaded.model, params, local, collections=collections)
             task.check_labels(local, num_classes, where=f"eval batch {i}")
             check_mask(local, where=f"eval batch {i}")
-            yield eval_step(params, collections, parallel.global_batch(local, mesh))
+            yield eval_step(params, collections, parallel.global_batch(parallel.pad_to_devices(local, mesh), mesh))
 
     totals: dict = {}
     for sums in _fetched(device_sums()):
@@ -459,6 +459,7 @@ def predict(
             classes = classes or task.num_classes(loaded.model, params, local, collections=collections)
             task.check_labels(local, classes, where=f"batch {i}")
             check_mask(local, where=f"batch {i}")
+            local = parallel.pad_to_devices(local, mesh)
             rows = len(next(iter(model_inputs(local).values())))
             kept.append(np.asarray(local["mask"]) > 0 if "mask" in local else np.ones(rows, bool))
             labels.append(local.get("labels"))

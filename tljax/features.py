@@ -203,6 +203,7 @@ def extract_many(
     )
     xs, ys = [], []
     for batch in batches:
+        batch = parallel.pad_to_devices(batch, mesh)
         out = feature_step(variables, parallel.global_batch(model_inputs(batch), mesh), **static)
         labels, keep = _labels_and_keep(batch, out[0].shape[0])
         xs.append([_local_rows(x)[keep] for x in out])

@@ -18,6 +18,7 @@ pure function of the schedule and the step, so resuming needs nothing beyond the
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -327,4 +328,10 @@ def get(name: str, loaded, **kwargs) -> FreezingSchedule:
     """A built-in schedule by name: `get("lp_ft", loaded, probe_steps=100, ft_steps=400)`."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown freezing schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](loaded, **kwargs)
+    fn = SCHEDULES[name]
+    try:
+        inspect.signature(fn).bind(loaded, **kwargs)
+    except TypeError as e:
+        params = [p for p in inspect.signature(fn).parameters if p != "loaded"]
+        raise ValueError(f"schedule {name!r}: {e} (its arguments: {params})") from None
+    return fn(loaded, **kwargs)

@@ -9,11 +9,15 @@ Modes (`EngineConfig.parallel`):
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger("tljax")
 
 DATA = "data"
 MODES = ("data", "fsdp", "pmap")
@@ -56,6 +60,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def pad_to_devices(local: Mapping, mesh: Mesh) -> dict:
+    """An inference batch of any size made shardable: rows padded (copies of the last row, `mask` 0) to a multiple
+    of the data devices this process feeds. Evaluation, prediction and feature extraction drop masked rows."""
+    per_process = max(1, mesh.shape[DATA] // jax.process_count())
+    n = len(next(iter(local.values())))
+    extra = -n % per_process
+    if not extra:
+        return dict(local)
+    out = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], extra, 0)]) for k, v in local.items()}
+    mask = np.asarray(local["mask"], np.float32) if "mask" in local else np.ones(n, np.float32)
+    out["mask"] = np.concatenate([mask, np.zeros(extra, np.float32)])
+    return out
 
 
 def global_batch(local: Mapping, mesh: Mesh) -> dict:
@@ -130,20 +148,24 @@ class Placement:
         """This process's rows -> the global batch as the step takes it."""
         return pmap_batch(local) if self.mode == "pmap" else global_batch(local, self.mesh)
 
-    def compile(self, step_fn_factory, state, batch):
-        """Compiles `step_fn_factory(axis_name)` for this state and batch now (so compile time is measured)."""
+    def compile(self, step_fn_factory, state, batch) -> StepByShape:
+        """`step_fn_factory(axis_name)` compiled for this state and batch now (so compile time is measured), and
+        for other batch shapes (text length buckets) when they first come."""
         if self.mode == "pmap":
             pmapped = jax.pmap(step_fn_factory("batch"), axis_name="batch", donate_argnums=0)
-            return pmapped.lower(state, batch).compile()
-        shardings = self.shardings(state)
-        batch_sh = jax.tree.map(lambda _: batch_sharding(self.mesh), batch)
-        jitted = jax.jit(
-            step_fn_factory(None),
-            in_shardings=(shardings, batch_sh),
-            out_shardings=(shardings, replicated(self.mesh)),
-            donate_argnums=0,
-        )
-        return jitted.lower(state, batch).compile()
+            step = StepByShape(pmapped.lower)
+        else:
+            shardings = self.shardings(state)
+            batch_sh = jax.tree.map(lambda _: batch_sharding(self.mesh), batch)
+            jitted = jax.jit(
+                step_fn_factory(None),
+                in_shardings=(shardings, batch_sh),
+                out_shardings=(shardings, replicated(self.mesh)),
+                donate_argnums=0,
+            )
+            step = StepByShape(jitted.lower)
+        step.prepare(state, batch)
+        return step
 
     def examples(self, batch) -> int:
         """Global examples in a placed batch."""
@@ -159,6 +181,36 @@ class Placement:
         if self.mode == "pmap":
             host = jax.device_put(jax.device_get(host), replicated(self.mesh))
         return host.params, host.collections
+
+
+class StepByShape:
+    """A step compiled ahead of time once per batch shape (a bounded set: text buckets, a padded last batch).
+
+    Ahead-of-time compilation makes compile time measurable and never hides a recompile: each new shape is logged
+    with its compile time."""
+
+    def __init__(self, lower):
+        self.lower = lower
+        self.compiled: dict = {}
+        self.compile_seconds = 0.0
+
+    @staticmethod
+    def _key(batch) -> tuple:
+        return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+
+    def prepare(self, state, batch):
+        key = self._key(batch)
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = self.lower(state, batch).compile()
+            seconds = time.perf_counter() - t0
+            self.compile_seconds += seconds
+            if len(self.compiled) > 1:
+                log.info("compiled the step for batch shape %s in %.2fs", dict((k, s) for k, s, _ in key), seconds)
+        return self.compiled[key]
+
+    def __call__(self, state, batch):
+        return self.prepare(state, batch)(state, batch)
 
 
 def device_bytes(tree) -> dict[str, int]:

@@ -84,7 +84,7 @@ def carve_validation(split: Split, size: float | int, seed: int = 0) -> tuple[Sp
     val_idx = val.records.indices
     keep = np.ones(len(split), bool)
     keep[val_idx] = False
-    return split.take(np.flatnonzero(keep), f"train-{n}@{seed}"), split.take(val_idx, f"val{n}@{seed}")
+    return split.take(np.flatnonzero(keep), f"carve{n}:train@{seed}"), split.take(val_idx, f"carve{n}:val@{seed}")
 
 
 def label_halves(num_classes: int, seed: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
