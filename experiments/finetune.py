@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -21,6 +22,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Config file (py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/tljax/jax", "JAX's persistent compilation cache ('' : off): reruns skip compiling."
+)
 
 
 def main(argv) -> int:
@@ -29,6 +33,10 @@ def main(argv) -> int:
     from tljax import job
 
     quiet_logs()
+    if _CACHE.value:
+        from tljax import engine
+
+        engine.enable_compilation_cache(os.path.expanduser(_CACHE.value))
     config = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{config.name or 'finetune'}"
     print(f"config {flags.FLAGS['config'].config_filename} -> {workdir}", flush=True)

@@ -35,7 +35,9 @@ def batches(items: list[str], inputs: dict, tokenizer, batch_size: int = 32):
     from tljax import data
 
     if inputs["kind"] == "text":
-        batcher = data.TextBatcher(tokenizer, inputs["max_length"], tuple(inputs["buckets"]))
+        batcher = data.TextBatcher(
+            tokenizer, inputs["max_length"], tuple(inputs.get("eval_buckets") or inputs["buckets"])
+        )
         records = [{"text": t} for t in items]
         collate = batcher
     else:

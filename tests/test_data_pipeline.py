@@ -140,3 +140,19 @@ def test_real_tokenizer_matches_hf_truncation_and_shapes_stay_bounded():
     want = tok([r["text"] for r in records], truncation=True, max_length=24, padding="longest")["input_ids"]
     for row, ref in zip(ours["input_ids"], want, strict=True):
         assert row[: len(ref)].tolist() == ref
+
+
+def test_length_grouped_batches_cover_each_epoch_resume_and_pad_less():
+    split = numbered(96)
+    lengths = np.random.default_rng(0).integers(1, 60, 96)
+    grouped = data.TrainData(split, batch_size=8, seed=5, lengths=lengths, window=4)
+    plain = data.TrainData(split, batch_size=8, seed=5)
+    epoch = np.concatenate([grouped.batch(s)["x"] for s in range(12)])
+    assert sorted(epoch) == list(range(96))  # each epoch: every example once
+    assert not np.array_equal(epoch, np.concatenate([grouped.batch(s)["x"] for s in range(12, 24)]))
+    spread = lambda td: np.mean([np.ptp(lengths[td.batch(s)["x"]]) for s in range(12)])
+    assert spread(grouped) < 0.5 * spread(plain)  # batches of similar lengths
+    tail = batches(grouped, 7, 10)
+    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(batches(grouped, 0, 17)[7:], tail, strict=True))
+    with pytest.raises(ValueError, match="lengths has 3 entries for 96 examples"):
+        data.TrainData(split, batch_size=8, lengths=[1, 2, 3])

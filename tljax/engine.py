@@ -335,7 +335,7 @@ class _Run:
         if config.workdir is not None:
             self.ckpts = Checkpoints(Path(config.workdir) / "checkpoints", config.checkpoint)
         self.writer = None
-        self.eval_step = jax.jit(evaluation.make_eval_step(loaded.model))
+        self.eval_step = evaluation.jitted_eval_step(loaded.model)
         self.history: list[PhaseRecord] = []
         self.last_eval: dict = {}
         self.evals = EvalLog(config.workdir)

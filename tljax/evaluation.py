@@ -23,6 +23,7 @@ Classes absent from the eval data (no row has that label):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -123,6 +124,13 @@ def make_eval_step(model, *, top_k: int = 5, bins: int = ECE_BINS, max_confusion
 
 
 # ------------------------------------------------------------------------------------------------------ host side
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_eval_step(model):
+    """`jax.jit(make_eval_step(model))`, one per model (linen modules hash by value): evaluating the validation and
+    test sets, or several checkpoints, compiles each batch shape once."""
+    return jax.jit(make_eval_step(model))
 
 
 def check_mask(batch: Mapping, where: str = "batch") -> None:
@@ -307,7 +315,7 @@ def evaluate_detailed(
     """
     mesh = mesh or parallel.make_mesh()
     params, collections = _variables(loaded, params, collections, mesh)
-    eval_step = eval_step or jax.jit(make_eval_step(loaded.model))
+    eval_step = eval_step or jitted_eval_step(loaded.model)
 
     def device_sums():
         nonlocal num_classes

@@ -142,18 +142,34 @@ def _same_space(split: Split, train: Split, cfg) -> Split:
 
 @dataclass
 class TextInputs:
-    """Text records -> token batches (the same tokenizer and buckets for training, evaluation and predict)."""
+    """Text records -> token batches: coarse buckets for training (each is a compiled train step), finer ones for
+    evaluation, which also reads the split sorted by length so that a batch pads to its own texts' length."""
 
     batcher: data.TextBatcher
+    eval_batcher: data.TextBatcher
+    group_by_length: bool = False
 
-    def train_kwargs(self) -> dict:
-        return {"collate": self.batcher}
+    def train_kwargs(self, split: Split) -> dict:
+        lengths = self.token_counts(split) if self.group_by_length else None
+        return {"collate": self.batcher, "lengths": lengths}
+
+    def token_counts(self, split: Split) -> np.ndarray:
+        texts = [split[i]["text"] for i in range(len(split))]
+        ids = self.eval_batcher.tokenizer(texts, truncation=True, max_length=self.eval_batcher.max_length)
+        return np.asarray([len(x) for x in ids["input_ids"]])
 
     def eval_kwargs(self) -> dict:
-        return {"collate": self.batcher}
+        return {"collate": self.eval_batcher}
+
+    def eval_order(self, split: Split) -> Split:
+        """The split sorted by token count, so each eval batch pads to its own texts' length (evaluation sums do not
+        depend on the order)."""
+        return split.take(np.argsort(self.token_counts(split), kind="stable"), "by_length")
 
     def describe(self) -> dict:
-        return {"kind": "text", "max_length": self.batcher.max_length, "buckets": list(self.batcher.buckets)}
+        b = self.eval_batcher
+        return {"kind": "text", "max_length": b.max_length, "buckets": list(self.batcher.buckets),
+                "eval_buckets": list(b.buckets), "group_by_length": self.group_by_length}  # fmt: skip
 
 
 @dataclass
@@ -164,12 +180,15 @@ class ImageInputs:
     augment: data.Augment
     num_classes: int
 
-    def train_kwargs(self) -> dict:
+    def train_kwargs(self, split: Split) -> dict:
         mix = self.augment.batch_transform(self.num_classes)
         return {"random_transform": data.train_transform(self.preprocess, self.augment), "batch_transform": mix}
 
     def eval_kwargs(self) -> dict:
         return {"transform": self.preprocess}
+
+    def eval_order(self, split: Split) -> Split:
+        return split
 
     def describe(self) -> dict:
         p = self.preprocess
@@ -180,7 +199,12 @@ class ImageInputs:
 def make_inputs(loaded, folder: str, kind: str, cfg, num_classes: int):
     if kind == "text":
         tokenizer = tm.load_tokenizer(folder)
-        return TextInputs(data.TextBatcher(tokenizer, cfg.max_length, tuple(cfg.get("buckets") or ())))
+        fine = tuple(range(8, cfg.max_length, 8)) + (cfg.max_length,)
+        return TextInputs(
+            data.TextBatcher(tokenizer, cfg.max_length, tuple(cfg.get("buckets") or ())),
+            data.TextBatcher(tokenizer, cfg.max_length, tuple(cfg.get("eval_buckets") or fine)),
+            bool(cfg.get("group_by_length", False)),
+        )
     overrides = {"size": cfg.image_size} if cfg.get("image_size") else {}
     preprocess = data.ImagePreprocess.from_pretrained(folder, **overrides)
     augment = data.Augment(**dict(cfg.get("augment") or {}))
@@ -235,11 +259,11 @@ def build(config, workdir: str | None = None) -> Job:
     folder = str(hub.resolve(model_folder(config.model.name)))  # hub ids: the cached snapshot
     inputs = make_inputs(loaded, folder, splits.train.kind, d, classes)
     train_data = data.TrainData(splits.train, batch_size=d.batch_size, seed=d.get("seed", config.seed),
-                                **inputs.train_kwargs())  # fmt: skip
-    eval_data = data.EvalData(splits.validation, batch_size=d.eval_batch_size, **inputs.eval_kwargs())
-    test_data = None
-    if splits.test is not None:
-        test_data = data.EvalData(splits.test, batch_size=d.eval_batch_size, **inputs.eval_kwargs())
+                                **inputs.train_kwargs(splits.train))  # fmt: skip
+    evaluated = lambda split: data.EvalData(inputs.eval_order(split), batch_size=d.eval_batch_size,
+                                            **inputs.eval_kwargs())  # fmt: skip
+    eval_data = evaluated(splits.validation)
+    test_data = evaluated(splits.test) if splits.test is not None else None
     engine_config = make_engine_config(config, workdir, train_data.steps_per_epoch)
     schedule = None  # the probe mode trains no schedule
     if config.get("mode", "finetune") == "finetune":
@@ -283,7 +307,8 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
                         loss_fn=job.loss_fn)  # fmt: skip
     if result.status == "preempted":
         raise SystemExit(f"preempted at step {int(result.state.step)}: rerun the same command to resume")
-    results = _report(job, result, workdir, time.perf_counter() - t0)
+    results = _report(job, result, workdir)
+    results["wall_seconds"] = time.perf_counter() - t0  # everything: loading, training, test evaluations, export
     engine.write_json_atomic(workdir / RESULTS, results)
     return results
 
@@ -297,7 +322,8 @@ def probe_features(job: Job, workdir: Path) -> dict[str, features.Features]:
     for name, split in vars(job.splits).items():
         if split is None:
             continue
-        batches = data.EvalData(split, batch_size=job.config.data.eval_batch_size, **job.inputs.eval_kwargs())
+        batches = data.EvalData(job.inputs.eval_order(split), batch_size=job.config.data.eval_batch_size,
+                                **job.inputs.eval_kwargs())  # fmt: skip
         out[name] = features.cached_extract(job.loaded, batches, cache_dir=workdir / "features",
                                             data_key=f"{split.name}|{described}", layer=cfg.get("layer"),
                                             pooling=pooling)  # fmt: skip
@@ -346,7 +372,7 @@ def _write_config(workdir: Path, config) -> None:
         engine.write_json_atomic(workdir / CONFIG, resolved(config))
 
 
-def _report(job: Job, result: engine.FitResult, workdir: Path, wall: float) -> dict:
+def _report(job: Job, result: engine.FitResult, workdir: Path) -> dict:
     """Test evaluation per phase and of the selected model, the export, and the results dict."""
     plan, total = result.plan, tree.count(job.loaded.params)
     tests = TestAt(job, plan, workdir)
@@ -377,7 +403,6 @@ def _report(job: Job, result: engine.FitResult, workdir: Path, wall: float) -> d
         "confusion_matrix": test.confusion.tolist() if test is not None and test.confusion is not None else None,
         "data": {"sizes": job.splits.sizes(), "names": {k: v.name for k, v in vars(job.splits).items() if v},
                  "label_names": list(job.label_names), "inputs": job.inputs.describe()},
-        "wall_seconds": wall,
         **timing,
         "seed": job.config.seed,
         "config": resolved(job.config),

@@ -32,7 +32,9 @@ def base_config() -> ConfigDict:
     c.data.batch_size = 32  # global
     c.data.eval_batch_size = 256
     c.data.max_length = 128  # text: tokens, truncation
-    c.data.buckets = []  # text: padded lengths ([] : max_length/4, /2, max_length)
+    c.data.buckets = []  # text: padded lengths in training ([] : max_length/4, /2, max_length)
+    c.data.group_by_length = False  # text: batches of similar token counts (less padding; HF's group_by_length)
+    c.data.eval_buckets = []  # text: padded lengths in evaluation ([] : every 8 tokens up to max_length)
     c.data.image_size = 0  # images: 0 = the checkpoint's preprocessor size
     c.data.augment = ConfigDict(
         {"random_resized_crop": False, "flip": False, "randaugment_n": 0, "randaugment_m": 9,

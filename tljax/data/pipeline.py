@@ -70,6 +70,8 @@ class TrainData:
       collate: examples -> batch (default `stack`; text: a `TextBatcher`).
       batch_transform: (batch, rng) -> batch after collation (mixup / cutmix); rng seeded per (seed, step).
       process_index, process_count: this process and how many (default: JAX's).
+      lengths: per-example lengths (e.g. token counts) to group batches by length (`LengthGroupedOrder`);
+        window: global batches per sorted window. None: plain seeded shuffles.
       threads, prefetch: grain's read threads and prefetch buffer (batches).
     """
 
@@ -85,6 +87,8 @@ class TrainData:
         batch_transform: RandomTransform | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        lengths: np.ndarray | None = None,
+        window: int = 50,
         threads: int = 4,
         prefetch: int = 8,
     ):
@@ -100,6 +104,11 @@ class TrainData:
         self.transform, self.random_transform = transform, random_transform
         self.collate, self.batch_transform = collate or stack, batch_transform
         self.threads, self.prefetch = threads, prefetch
+        self.order = None
+        if lengths is not None:
+            self.order = LengthGroupedOrder(np.asarray(lengths), batch_size, window, self.seed)
+            if len(self.order.lengths) != len(split):
+                raise ValueError(f"lengths has {len(lengths)} entries for {len(split)} examples of {_name(split)}")
         self.dataset = self._dataset()
 
     @property
@@ -108,7 +117,11 @@ class TrainData:
         return len(self.split) // self.batch_size
 
     def _dataset(self) -> grain.MapDataset:
-        ds = grain.MapDataset.source(self.split).seed(self.seed).shuffle().repeat(None)
+        if self.order is None:
+            ds = grain.MapDataset.source(self.split).seed(self.seed).shuffle().repeat(None)
+        else:
+            split, order = self.split, self.order
+            ds = grain.MapDataset.range(order.positions).seed(self.seed).map(lambda pos: split[order[pos]])
         # per-example transforms before the process slice: seeds follow the global position, not the local one
         if self.random_transform is not None:
             ds = ds.random_map(self.random_transform, seed=self.seed)
@@ -129,6 +142,42 @@ class TrainData:
             raise ValueError(f"train_data(step) takes a step >= 0, got {step!r}")
         tail = self.dataset.slice(slice(int(step), None))
         return iter(tail.to_iter_dataset(_read_options(self.threads, self.prefetch)))
+
+
+class LengthGroupedOrder:
+    """Stream position -> example index, grouping examples of similar length into batches (HF Trainer's
+    `group_by_length`, fairseq's bucketing): each epoch is a seeded permutation cut into windows of `window` global
+    batches; a window is sorted by length, cut into batches, and its batches are shuffled. Batches then pad to their
+    own length bucket (text: most pad to the smallest), while which examples meet in a batch stays random.
+
+    Each epoch holds `len // batch_size` whole batches (a different remainder is left out each epoch). Positions map
+    to indices by arithmetic and a per-epoch permutation, so resuming at any step needs nothing stored."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, window: int, seed: int):
+        self.lengths, self.batch_size, self.window, self.seed = lengths, batch_size, int(window), seed
+        self.per_epoch = (len(lengths) // batch_size) * batch_size
+        self.positions = np.iinfo(np.int64).max // 2  # endless epochs
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def epoch(self, e: int) -> np.ndarray:
+        """The example indices of epoch e, in stream order."""
+        if self._cache is not None and self._cache[0] == e:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, e])
+        perm = rng.permutation(len(self.lengths))[: self.per_epoch]
+        step = self.window * self.batch_size
+        batches = []
+        for start in range(0, self.per_epoch, step):
+            chunk = perm[start : start + step]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        order = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+        self._cache = (e, order)
+        return order
+
+    def __getitem__(self, position: int) -> int:
+        e, within = divmod(int(position), self.per_epoch)
+        return int(self.epoch(e)[within])
 
 
 class EvalData:
