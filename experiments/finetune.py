@@ -42,8 +42,8 @@ def main(argv) -> int:
     print(f"config {flags.FLAGS['config'].config_filename} -> {workdir}", flush=True)
     results = job.run(config, workdir)
     print(job.flat_summary(results))
-    print(json.dumps({k: results[k] for k in ("test_accuracy", "test_accuracy_by_phase", "best_validation",
-                                              "wall_seconds", "train_examples_per_second")}))  # fmt: skip
+    keys = ("test_accuracy", "test_accuracy_by_phase", "best_validation", "wall_seconds", "train_examples_per_second")
+    print(json.dumps({k: results[k] for k in keys if k in results}))
     return 0
 
 

@@ -32,15 +32,48 @@ def _resnet(folder):
 
 
 def _clip(folder):
+    """Both towers at CLIP's text length (77) and OpenAI's legacy token ids (eos_token_id 2: pool at the largest id,
+    which is `<|endoftext|>`), with a CLIP tokenizer whose vocabulary is that of the model."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+    tokenizer = _clip_tokenizer()
+    ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)  # as in openai/clip-vit-base-patch32's config.json
     cfg = CLIPConfig(
-        text_config=dict(TINY, vocab_size=99, max_position_embeddings=16),
+        text_config=dict(TINY, vocab_size=len(tokenizer), max_position_embeddings=77, **ids),
         vision_config=dict(TINY, image_size=224, patch_size=32),
         projection_dim=16,
     )
     CLIPModel(cfg).save_pretrained(folder)
     CLIPImageProcessorPil().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _clip_tokenizer():
+    """CLIP's tokenizer (lower-cased byte-level BPE with "</w>" word ends) in CLIP's vocabulary layout: the 256 byte
+    symbols, the same with "</w>", one token per merge, then `<|startoftext|>` and `<|endoftext|>` as the two largest
+    ids. The merges (about 70) are learned from the zero-shot prompts of Fashion-MNIST's class names, so those
+    prompts tokenize to words; any other text still tokenizes, byte by byte. OpenAI's vocab.json / merges.txt
+    (49408 tokens) are not available offline."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    from tljax.data.images import FASHION_MNIST_LABELS
+    from tljax.zero_shot import TEMPLATES, prompts
+
+    clip_rules = CLIPTokenizer().backend_tokenizer  # an empty vocabulary, but CLIP's normalizer and pre-tokenizer
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.normalizer, bpe.pre_tokenizer = clip_rules.normalizer, clip_rules.pre_tokenizer
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator(prompts(FASHION_MNIST_LABELS, TEMPLATES), trainer)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=77)
 
 
 def _bert(folder):

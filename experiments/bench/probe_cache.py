@@ -7,8 +7,10 @@ pooling, a 26-way linear head, Adam at 1e-2 for 10 epochs both ways:
 - cached: `features.cached_extract` once (one forward pass over the data, written to disk), then the same 10 epochs
   of Adam on the head over the cached arrays (the same batches in the same order).
 
-Prints both times, `cached_probe_speedup` (goal >= 8) and both probes' validation accuracy (they train the same
-head on the same features, so they agree up to float rounding). `--quick`: a tiny random BERT, 256 examples.
+Prints both times, `cached_probe_speedup` (goal >= 8) and both probes' validation accuracy. They train the same
+head on the same batches; the engine runs the frozen backbone in train mode (dropout active, as every training
+step does), the cache holds inference-mode features, so the accuracies differ slightly. `--quick`: a tiny random
+BERT, 256 examples.
 """
 
 from __future__ import annotations

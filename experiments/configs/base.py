@@ -50,6 +50,9 @@ def base_config() -> ConfigDict:
     # mode "probe": which features (layer None: the final output; i: block i, negative from the top) and the L2
     # strengths tried (chosen on validation accuracy; [] : tljax.probes.DEFAULT_L2_GRID)
     c.probe = ConfigDict({"layer": FieldReference(None, field_type=int), "pooling": "", "l2_grid": []})
+    # mode "zero_shot" (CLIP): prompt templates with "{}" ([] : tljax.zero_shot.TEMPLATES) and one name per class in
+    # label order ([] : the data's label names, e.g. ["t-shirt", "trouser", ...] instead of "T-shirt/top", ...)
+    c.zero_shot = ConfigDict({"templates": [], "class_names": []})
 
     c.optimizer = ConfigDict({"optimizer": "adamw", "weight_decay": 0.01, "clip_norm": 1.0})
     c.loss = ConfigDict({"label_smoothing": 0.0})

@@ -1,0 +1,258 @@
+"""Config -> objects: `build(config)` loads the model, opens the data sources and pipelines, resolves the freezing
+schedule and the `EngineConfig`, without training (tests, notebooks and every mode of `tljax.job.run` start here).
+
+Config sections (experiments/configs/base.py lists every key with its default):
+  model     name (hub id or folder), pooling, head_hidden, head_dropout, reinit, dtype, param_dtype, options
+  data      train / validation / test ("source:split"), validation_fraction, train_size, validation_size,
+            test_size, kshot, classes, batch_size, eval_batch_size, max_length, buckets, eval_buckets,
+            group_by_length, image_size, augment, seed
+  schedule  name + args (a built-in of `tljax.freezing`) or phases (a list of phase dicts)
+  optimizer keyword arguments of `partition.build` (optimizer, weight_decay, clip_norm, ...)
+  loss      label_smoothing
+  engine    `EngineConfig` fields (parallel, eval_every, checkpoint, early_stopping, ...)
+  seed, name
+  mode      "finetune"; "probe" (linear probe on cached frozen features, section `probe`); "zero_shot" (CLIP's
+            zero-shot classifier from class-name prompts, section `zero_shot`: templates, class_names)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+import tljax.models as tm
+from tljax import data, engine, freezing
+from tljax.assets import MINILM_HUB_ID, minilm_path
+from tljax.data.records import Split
+from tljax.losses import classification_loss
+from tljax.models import hub
+
+SECTIONS = ("model", "data", "schedule", "optimizer", "loss", "engine", "seed", "name", "mode", "probe", "zero_shot")
+MODES = ("finetune", "probe", "zero_shot")
+
+
+@dataclass
+class Splits:
+    train: Split
+    validation: Split
+    test: Split | None
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
+class Job:
+    """Everything a run needs, built from a config; nothing is trained until `run`."""
+
+    config: ml_collections.ConfigDict
+    loaded: Any
+    splits: Splits
+    inputs: Any  # TextInputs or ImageInputs: how records become model batches
+    train_data: data.TrainData
+    eval_data: data.EvalData
+    test_data: data.EvalData | None
+    schedule: freezing.FreezingSchedule | None
+    engine_config: engine.EngineConfig
+    loss_fn: Any
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.splits.train.label_names
+
+
+# ---- config -> objects ---------------------------------------------------------------------------------------------
+
+
+def check_config(config) -> None:
+    """Unknown top-level sections are errors (a typo would otherwise be ignored)."""
+    unknown = sorted(set(config.keys()) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; valid: {list(SECTIONS)}")
+    if config.get("mode", "finetune") not in MODES:
+        raise ValueError(f"unknown mode {config.mode!r}; valid: {list(MODES)}")
+
+
+def model_folder(name: str) -> str:
+    """The checkpoint to load: the offline MiniLM package stands in for its hub id when installed."""
+    if name == MINILM_HUB_ID:
+        try:
+            return str(minilm_path())
+        except ImportError:
+            return name
+    return name
+
+
+def load_splits(cfg) -> Splits:
+    """Train, validation (carved from train when the source has none) and test splits, subsampled as asked."""
+    seed = cfg.seed
+    train = data.load(cfg.train)
+    if cfg.get("classes"):
+        train = data.label_subset(train, list(cfg.classes))
+    if cfg.get("validation"):
+        validation = _same_space(data.load(cfg.validation), train, cfg)
+    else:
+        train, validation = data.carve_validation(train, cfg.validation_fraction, seed)
+    test = _same_space(data.load(cfg.test), train, cfg) if cfg.get("test") else None
+    if cfg.get("kshot"):
+        train = data.k_shot(train, cfg.kshot, seed)
+    elif cfg.get("train_size"):
+        train = data.subsample(train, min(cfg.train_size, len(train)), seed)
+    if cfg.get("validation_size"):
+        validation = data.subsample(validation, min(cfg.validation_size, len(validation)), seed)
+    if test is not None and cfg.get("test_size"):
+        test = data.subsample(test, min(cfg.test_size, len(test)), seed)
+    return Splits(train, validation, test)
+
+
+def _same_space(split: Split, train: Split, cfg) -> Split:
+    if cfg.get("classes"):
+        split = data.label_subset(split, list(cfg.classes))
+    if split.label_names != train.label_names:
+        raise ValueError(
+            f"{split.name} has other classes than {train.name}: {list(split.label_names)[:8]} vs "
+            f"{list(train.label_names)[:8]}; evaluation needs one label space"
+        )
+    return split
+
+
+@dataclass
+class TextInputs:
+    """Text records -> token batches: coarse buckets for training (each is a compiled train step), finer ones for
+    evaluation, which also reads the split sorted by length so that a batch pads to its own texts' length."""
+
+    batcher: data.TextBatcher
+    eval_batcher: data.TextBatcher
+    group_by_length: bool = False
+
+    def train_kwargs(self, split: Split) -> dict:
+        lengths = self.token_counts(split) if self.group_by_length else None
+        return {"collate": self.batcher, "lengths": lengths}
+
+    def token_counts(self, split: Split) -> np.ndarray:
+        texts = [split[i]["text"] for i in range(len(split))]
+        ids = self.eval_batcher.tokenizer(texts, truncation=True, max_length=self.eval_batcher.max_length)
+        return np.asarray([len(x) for x in ids["input_ids"]])
+
+    def eval_kwargs(self) -> dict:
+        return {"collate": self.eval_batcher}
+
+    def eval_order(self, split: Split) -> Split:
+        """The split sorted by token count, so each eval batch pads to its own texts' length (evaluation sums do not
+        depend on the order)."""
+        return split.take(np.argsort(self.token_counts(split), kind="stable"), "by_length")
+
+    def describe(self) -> dict:
+        b = self.eval_batcher
+        return {"kind": "text", "max_length": b.max_length, "buckets": list(self.batcher.buckets),
+                "eval_buckets": list(b.buckets), "group_by_length": self.group_by_length}  # fmt: skip
+
+
+@dataclass
+class ImageInputs:
+    """Image records -> pixel batches: seeded augmentation for training, deterministic preprocessing for eval."""
+
+    preprocess: data.ImagePreprocess
+    augment: data.Augment
+    num_classes: int
+
+    def train_kwargs(self, split: Split) -> dict:
+        mix = self.augment.batch_transform(self.num_classes)
+        return {"random_transform": data.train_transform(self.preprocess, self.augment), "batch_transform": mix}
+
+    def eval_kwargs(self) -> dict:
+        return {"transform": self.preprocess}
+
+    def eval_order(self, split: Split) -> Split:
+        return split
+
+    def describe(self) -> dict:
+        p = self.preprocess
+        return {"kind": "image", "size": p.size, "mean": list(p.mean), "std": list(p.std), "crop_pct": p.crop_pct,
+                "resample": int(p.resample), "rescale_factor": p.rescale_factor}  # fmt: skip
+
+
+def make_inputs(loaded, folder: str, kind: str, cfg, num_classes: int):
+    if kind == "text":
+        tokenizer = tm.load_tokenizer(folder)
+        fine = tuple(range(8, cfg.max_length, 8)) + (cfg.max_length,)
+        return TextInputs(
+            data.TextBatcher(tokenizer, cfg.max_length, tuple(cfg.get("buckets") or ())),
+            data.TextBatcher(tokenizer, cfg.max_length, tuple(cfg.get("eval_buckets") or fine)),
+            bool(cfg.get("group_by_length", False)),
+        )
+    overrides = {"size": cfg.image_size} if cfg.get("image_size") else {}
+    preprocess = data.ImagePreprocess.from_pretrained(folder, **overrides)
+    augment = data.Augment(**dict(cfg.get("augment") or {}))
+    return ImageInputs(preprocess, augment, num_classes)
+
+
+def load_model(cfg, num_classes: int):
+    head = tm.ClassificationHead(num_classes, hidden=cfg.get("head_hidden", 0), dropout=cfg.get("head_dropout", 0.0))
+    return tm.load_pretrained(
+        model_folder(cfg.name),
+        head=head,
+        pooling=cfg.get("pooling"),
+        dtype=cfg.get("dtype", "float32"),
+        param_dtype=cfg.get("param_dtype"),
+        reinit=list(cfg.get("reinit") or []),
+        **dict(cfg.get("options") or {}),
+    )
+
+
+def make_schedule(cfg, loaded) -> freezing.FreezingSchedule:
+    cfg = _plain(cfg)
+    if cfg.get("phases"):
+        return freezing.FreezingSchedule.from_config({"name": cfg.get("name") or "custom", "phases": cfg["phases"]})
+    return freezing.get(cfg["name"], loaded, **(cfg.get("args") or {}))
+
+
+def _plain(cfg) -> dict:
+    """A ConfigDict section as plain dicts and lists (library calls check `Mapping`, not ConfigDict)."""
+    return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg))
+
+
+def make_engine_config(config, workdir: str | None, steps_per_epoch: int) -> engine.EngineConfig:
+    """`EngineConfig` from the engine section; `checkpoint.best_metric` "" and `early_stopping.patience` 0 mean
+    off (configs keep every key present so the command line can set it)."""
+    values = dict(config.engine.to_dict()) if "engine" in config else {}
+    if "checkpoint" in values and not values["checkpoint"].get("best_metric"):
+        values["checkpoint"] = {**values["checkpoint"], "best_metric": None}
+    if not (values.get("early_stopping") or {}).get("patience"):
+        values["early_stopping"] = None
+    values.update(workdir=workdir, seed=config.seed, steps_per_epoch=steps_per_epoch,
+                  optimizer=dict(config.get("optimizer", {})))  # fmt: skip
+    return engine.EngineConfig.from_config(values)
+
+
+def build(config, workdir: str | None = None) -> Job:
+    """Resolves `config` into a `Job` (model loaded, data sources opened, schedule resolved), without training."""
+    check_config(config)
+    d = config.data
+    splits = load_splits(d)
+    classes = splits.train.num_classes
+    loaded = load_model(config.model, classes)
+    folder = str(hub.resolve(model_folder(config.model.name)))  # hub ids: the cached snapshot
+    inputs = make_inputs(loaded, folder, splits.train.kind, d, classes)
+    train_data = data.TrainData(splits.train, batch_size=d.batch_size, seed=d.get("seed", config.seed),
+                                **inputs.train_kwargs(splits.train))  # fmt: skip
+    evaluated = lambda split: data.EvalData(inputs.eval_order(split), batch_size=d.eval_batch_size,
+                                            **inputs.eval_kwargs())  # fmt: skip
+    eval_data = evaluated(splits.validation)
+    test_data = evaluated(splits.test) if splits.test is not None else None
+    engine_config = make_engine_config(config, workdir, train_data.steps_per_epoch)
+    schedule = None  # the probe mode trains no schedule
+    if config.get("mode", "finetune") == "finetune":
+        schedule = make_schedule(config.schedule, loaded)
+        freezing.resolve(schedule, loaded, steps_per_epoch=train_data.steps_per_epoch, **engine_config.optimizer)
+    smoothing = config.get("loss", {}).get("label_smoothing", 0.0)
+    loss_fn = functools.partial(classification_loss, label_smoothing=smoothing) if smoothing else classification_loss
+    return Job(config, loaded, splits, inputs, train_data, eval_data, test_data, schedule, engine_config, loss_fn)
+
+
+# ---- running -------------------------------------------------------------------------------------------------------

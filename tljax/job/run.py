@@ -1,0 +1,233 @@
+"""Running a job: `run(config, workdir)` builds it, trains it with `engine.fit` (or runs an untrained mode), evaluates
+the test split at the end of every phase and on the selected model, exports it and writes `results.json`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import tljax
+import tljax.models as tm
+from tljax import engine, evaluation, tree
+from tljax.job.build import Job, TextInputs, build
+
+log = logging.getLogger("tljax")
+
+RESULTS = "results.json"
+CONFIG = "config.json"
+EXPORT = "export"
+DATA_FILE = "tljax_data.json"  # in the export: how inputs were preprocessed, for predict
+
+
+def resolved(config) -> dict:
+    """The config as plain data (what config.json and results.json record, and what a rerun is compared with)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Trains, evaluates and exports; returns the results dict (also written to workdir/results.json).
+
+    A workdir holding `results.json` of the same config returns it without training; one holding a run of another
+    config is an error (use a new workdir); an interrupted one is resumed.
+    """
+    workdir = Path(workdir)
+    finished = _finished(workdir, config)
+    if finished is not None:
+        log.info("%s is finished: reporting its results without training", workdir)
+        return finished
+    t0 = time.perf_counter()
+    job = build(config, str(workdir))
+    if not progress:
+        job.engine_config = engine.EngineConfig(**{**vars(job.engine_config), "progress": False})
+    _write_config(workdir, config)
+    log.info("data: %s; inputs: %s", job.splits.sizes(), job.inputs.describe())
+    from tljax.job import untrained as modes  # probe / zero_shot: jobs that train no schedule
+
+    untrained = {"probe": modes.run_probe, "zero_shot": modes.run_zero_shot}.get(config.get("mode", "finetune"))
+    if untrained is not None:
+        results = untrained(job, workdir, time.perf_counter() - t0)
+        engine.write_json_atomic(workdir / RESULTS, results)
+        return results
+    result = engine.fit(job.loaded, job.schedule, job.train_data, job.engine_config, eval_data=job.eval_data,
+                        loss_fn=job.loss_fn)  # fmt: skip
+    if result.status == "preempted":
+        raise SystemExit(f"preempted at step {int(result.state.step)}: rerun the same command to resume")
+    results = _report(job, result, workdir)
+    results["wall_seconds"] = time.perf_counter() - t0  # everything: loading, training, test evaluations, export
+    engine.write_json_atomic(workdir / RESULTS, results)
+    return results
+
+
+def _finished(workdir: Path, config) -> dict | None:
+    if (workdir / CONFIG).is_file():
+        saved = json.loads((workdir / CONFIG).read_text())
+        if saved != resolved(config):
+            changed = sorted(k for k in set(saved) | set(resolved(config)) if saved.get(k) != resolved(config).get(k))
+            raise ValueError(
+                f"{workdir} holds a run of another config (sections {changed} differ): use a new --workdir, or "
+                "delete it to start over"
+            )
+    if (workdir / RESULTS).is_file():
+        return json.loads((workdir / RESULTS).read_text())
+    return None
+
+
+def _write_config(workdir: Path, config) -> None:
+    if jax.process_index() == 0:
+        engine.write_json_atomic(workdir / CONFIG, resolved(config))
+
+
+def _report(job: Job, result: engine.FitResult, workdir: Path) -> dict:
+    """Test evaluation per phase and of the selected model, the export, and the results dict."""
+    plan, total = result.plan, tree.count(job.loaded.params)
+    tests = TestAt(job, plan, workdir)
+    phases = []
+    for p in plan.phases:
+        reached = [e for e in result.evals if e["step"] == p.stop]
+        test = tests.report(p.stop).metrics if reached and job.test_data else None
+        phases.append({"name": p.name, "start": p.start, "end": p.stop, "trainable_params": p.partition.count("train"),
+                       "total_params": total, "validation": reached[0]["metrics"] if reached else None,
+                       "test": test})  # fmt: skip
+    selected, step = _selected(job, result)
+    test = tests.report(step) if job.test_data else None
+    _export(job, tests.state(step), workdir)
+    es = job.engine_config.early_stopping
+    metric = es.metric if es else job.engine_config.checkpoint.best_metric or "accuracy"
+    best = _best_eval(result.evals, metric, es.mode if es else job.engine_config.checkpoint.best_mode)
+    timing = _timing(result, job.train_data.batch_size)
+    out = {
+        "test_accuracy": test.metrics["accuracy"] if test else None,
+        "test": test.metrics if test else None,
+        "test_accuracy_by_phase": {p["name"]: (p["test"] or {}).get("accuracy") for p in phases},
+        "selected": {"which": selected, "step": step},
+        "status": result.status,
+        "phases": phases,
+        "best_validation": best,
+        **test_fields(job, test),
+        **timing,
+        **common_fields(job),
+    }  # fmt: skip
+    return out
+
+
+class TestAt:
+    """Test reports of checkpoints by step: each checkpoint restored and evaluated once."""
+
+    def __init__(self, job: Job, plan, workdir: Path):
+        self.job, self.plan, self.workdir = job, plan, workdir
+        self.states, self.reports = {}, {}
+
+    def state(self, step: int):
+        if step not in self.states:
+            self.states = {step: engine.restore_state(self.job.loaded, self.plan, self.workdir, step,
+                                                      self.job.engine_config)}  # fmt: skip
+        return self.states[step]
+
+    def report(self, step: int) -> evaluation.EvalReport:
+        if step not in self.reports:
+            s, job = self.state(step), self.job
+            self.reports[step] = evaluation.evaluate_detailed(
+                job.loaded, job.test_data(), params=s.params, collections=s.collections, label_names=job.label_names
+            )
+        return self.reports[step]  # fmt: skip
+
+
+def _selected(job: Job, result: engine.FitResult) -> tuple[str, int]:
+    """The best validation checkpoint when a best metric is tracked, else the final state."""
+    if result.best_step is not None:
+        return "best_validation", int(result.best_step)
+    return "final", int(jax.device_get(result.state.step))
+
+
+def _best_eval(evals: list[dict], metric: str, mode: str) -> dict | None:
+    rows = [e for e in evals if metric in e["metrics"]]
+    if not rows:
+        return None
+    pick = (max if mode == "max" else min)(rows, key=lambda e: e["metrics"][metric])
+    return {"metric": metric, "value": pick["metrics"][metric], "step": pick["step"], "phase": pick["phase"]}
+
+
+def _timing(result: engine.FitResult, batch_size: int) -> dict:
+    steps = sum(h.end - h.start for h in result.history)
+    seconds = sum(h.step_seconds * (h.end - h.start) for h in result.history)
+    return {
+        "train_steps_this_run": steps,
+        "train_examples_per_second": steps * batch_size / seconds if seconds else None,
+        "compile_seconds": sum(h.compile_seconds for h in result.history),
+    }
+
+
+def _nan_none(values) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(values, float)]
+
+
+def _export(job: Job, state, workdir: Path) -> None:
+    """The selected model as an HF folder (+ tokenizer, + how inputs were preprocessed) for load_pretrained and
+    experiments.predict."""
+    if jax.process_index() != 0:
+        return
+    params, collections = jax.device_get((state.params, state.collections))
+    folder = tm.save_pretrained(workdir / EXPORT, job.loaded, params=params, state=collections,
+                                label_names=job.label_names, overwrite=True)  # fmt: skip
+    if isinstance(job.inputs, TextInputs):
+        job.inputs.batcher.tokenizer.save_pretrained(folder)
+    (folder / DATA_FILE).write_text(json.dumps(job.inputs.describe(), indent=1))
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers")
+    return {"tljax": tljax.__version__, **{n: md.version(n) for n in names}}
+
+
+def flat_summary(results: Mapping) -> str:
+    """The lines the job prints at the end."""
+    lines = []
+    if results.get("mode") == "probe":
+        p = results["probe"]
+        return (f"linear probe on layer {p['layer']} ({p['pooling']}, {p['feature_dim']} features), l2 {p['l2']:g}: "
+                f"test_accuracy {results['test_accuracy']:.4f}")  # fmt: skip
+    if results.get("mode") == "zero_shot":
+        z, test = results["zero_shot"], results["test_accuracy"]
+        return (f"zero-shot CLIP, {len(z['templates'])} templates x {len(z['class_names'])} classes: validation "
+                f"accuracy {results['validation']['accuracy']:.4f}, test_accuracy "
+                f"{'n/a' if test is None else format(test, '.4f')}")  # fmt: skip
+    for p in results["phases"]:
+        val, test = p["validation"] or {}, p["test"] or {}
+        lines.append(
+            f"phase {p['name']:<10} steps {p['start']}-{p['end']:<6} trainable {p['trainable_params']:>12,} / "
+            f"{p['total_params']:,}   val acc {val.get('accuracy', float('nan')):.4f}   "
+            f"test acc {test.get('accuracy', float('nan')):.4f}"
+        )
+    if results["test_accuracy"] is not None:
+        lines.append(f"test_accuracy {results['test_accuracy']:.4f} ({results['selected']['which']} model, step "
+                     f"{results['selected']['step']})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def common_fields(job: Job) -> dict:
+    """What every mode's results.json records about the run: data, seed, config and library versions."""
+    return {
+        "data": {"sizes": job.splits.sizes(), "names": {k: v.name for k, v in vars(job.splits).items() if v},
+                 "label_names": list(job.label_names), "inputs": job.inputs.describe()},
+        "seed": job.config.seed,
+        "config": resolved(job.config),
+        "versions": versions(),
+    }  # fmt: skip
+
+
+def test_fields(job: Job, test: evaluation.EvalReport | None) -> dict:
+    """Per-class test accuracy by name and the confusion matrix (rows: true class) of a test report."""
+    if test is None:
+        return {"per_class_test_accuracy": None, "confusion_matrix": None}
+    per_class = dict(zip(job.label_names, _nan_none(test.per_class_accuracy), strict=True))
+    confusion = test.confusion.tolist() if test.confusion is not None else None
+    return {"per_class_test_accuracy": per_class, "confusion_matrix": confusion}
