@@ -159,7 +159,7 @@ def _fetched(device_outputs: Iterable, fetch: Callable = jax.device_get) -> Iter
         yield fetch(pending)
 
 
-def _add_sums(totals: dict, sums: Mapping) -> dict:
+def add_sums(totals: dict, sums: Mapping) -> dict:
     """Adds one batch's sums in int64 (counts) or float64 (loss, confidence), so totals do not overflow or drift."""
     for k, v in sums.items():
         v = np.asarray(v)
@@ -328,7 +328,7 @@ def evaluate_detailed(
 
     totals: dict = {}
     for sums in _fetched(device_sums()):
-        _add_sums(totals, sums)
+        add_sums(totals, sums)
     if not totals:
         raise ValueError("evaluation saw no examples: the eval data is empty")
     return report_from_sums(totals, label_names)

@@ -187,30 +187,32 @@ class StepByShape:
     """A step compiled ahead of time once per batch shape (a bounded set: text buckets, a padded last batch).
 
     Ahead-of-time compilation makes compile time measurable and never hides a recompile: each new shape is logged
-    with its compile time."""
+    with its compile time. `batch_arg` is the position of the batch among the step's arguments (the others keep
+    their shapes)."""
 
-    def __init__(self, lower):
-        self.lower = lower
+    def __init__(self, lower, batch_arg: int = 1):
+        self.lower, self.batch_arg = lower, batch_arg
         self.compiled: dict = {}
         self.compile_seconds = 0.0
 
     @staticmethod
     def _key(batch) -> tuple:
-        return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+        return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype))
+                     for k, v in sorted(batch.items()))  # fmt: skip
 
-    def prepare(self, state, batch):
-        key = self._key(batch)
+    def prepare(self, *args):
+        key = self._key(args[self.batch_arg])
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self.lower(state, batch).compile()
+            self.compiled[key] = self.lower(*args).compile()
             seconds = time.perf_counter() - t0
             self.compile_seconds += seconds
             if len(self.compiled) > 1:
                 log.info("compiled the step for batch shape %s in %.2fs", dict((k, s) for k, s, _ in key), seconds)
         return self.compiled[key]
 
-    def __call__(self, state, batch):
-        return self.prepare(state, batch)(state, batch)
+    def __call__(self, *args):
+        return self.prepare(*args)(*args)
 
 
 def device_bytes(tree) -> dict[str, int]:
