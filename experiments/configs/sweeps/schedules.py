@@ -2,6 +2,7 @@
 fine-tuning, linear probe, LP-FT, gradual unfreezing, chain-thaw, layer-wise LR decay and BitFit, 3 seeds each.
 
     python -m experiments.sweep --config experiments/configs/sweeps/schedules.py --workdir runs/sweeps/schedules
+    python -m experiments.sweep --config experiments/configs/sweeps/schedules.py:1 --workdir runs/sweeps/schedules
 
 Budget: each schedule gets ~230 optimizer steps, the default job's (LP-FT: 80 probe + 150 fine-tuning steps), on
 the default job's data (6,400 training definitions, batch 32); the rest of the default config is unchanged but for
@@ -37,10 +38,12 @@ SCHEDULES = {
 
 
 def get_config(arg=None):
+    """`schedules.py:N` runs N seeds (default 3); the same work directory resumes with more seeds later."""
+    seeds = list(range(int(arg) if arg else 3))
     return sweep.config(
         name="schedules",
         base="experiments/configs/default.py",
         overrides={"name": "schedule_ablation", "engine.eval_every": 50},  # validation curves: 5 points per run
-        axes={"schedule": SCHEDULES, "seed": [0, 1, 2]},
+        axes={"schedule": SCHEDULES, "seed": seeds},
         metric="test_accuracy",
     )
