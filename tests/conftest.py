@@ -53,6 +53,25 @@ def tiny_roberta_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny_roberta"), RobertaModel(cfg).eval())
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for one test module (runs that differ by seed or data compile the same
+    programs: the second compiles nothing), then the settings as they were. Yields the cache directory."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    from tljax import engine
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+    before = {n: getattr(jax.config, n) for n in names}
+    path = engine.enable_compilation_cache(str(tmp_path_factory.mktemp("jax_cache")))
+    yield path
+    for n, value in before.items():
+        jax.config.update(n, value)
+    cc.reset_cache()
+
+
 @pytest.fixture(scope="session")
 def planted_hub(tmp_path_factory):
     """A Hugging Face cache holding tiny stand-ins for the hub ids README and the configs use."""

@@ -24,7 +24,7 @@ import numpy as np
 GLOBAL_BATCH, SEQ, VOCAB = 16, 8, 99
 
 
-def make_model(folder: str) -> None:
+def make_model(folder: str, num_layers: int = 2) -> None:
     """The tiny BERT checkpoint every run loads (dropout off, so runs on different layouts can agree)."""
     import torch
     from transformers import BertConfig, BertModel
@@ -33,7 +33,7 @@ def make_model(folder: str) -> None:
     cfg = BertConfig(
         vocab_size=VOCAB,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         intermediate_size=37,
         max_position_embeddings=64,

@@ -275,3 +275,17 @@ def test_mix_batch_always_soft_and_works_after_grain_batch():
     assert A.Augment().batch_transform(3) is None
     plain = A.MixBatch(3)(_batch(c=3), np.random.default_rng(0))
     np.testing.assert_array_equal(plain["labels"], np.eye(3, dtype=np.float32)[np.arange(4) % 3])
+
+
+@pytest.mark.parametrize(
+    "pre",
+    [
+        A.ImagePreprocess(),
+        A.ImagePreprocess(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), rescale_factor=1.0),
+        A.ImagePreprocess(size=224, crop_pct=0.875, resample=3),
+    ],
+    ids=["vit", "scratch", "convnext-crop"],
+)
+def test_preprocessing_round_trips_through_an_hf_processor_dict(pre):
+    """Exports of image jobs write `to_hf_config()` as preprocessor_config.json; reading it back is the same."""
+    assert A.ImagePreprocess.from_hf_config(json.loads(json.dumps(pre.to_hf_config()))) == pre

@@ -14,6 +14,9 @@ import pytest
 
 from tljax import data, freezing, job
 
+# one worker runs this module under `pytest -n 2 --dist loadgroup`: its module fixtures (whole runs) are built once
+pytestmark = pytest.mark.xdist_group("test_job")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
 

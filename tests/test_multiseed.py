@@ -11,6 +11,9 @@ from tljax import engine, freezing, multiseed, tree
 from tljax.data import EvalData, TrainData
 from tljax.engine import EngineConfig
 
+# one worker runs this module under `pytest -n 2 --dist loadgroup`: its module fixtures (whole runs) are built once
+pytestmark = pytest.mark.xdist_group("test_multiseed")
+
 SEEDS = (0, 1, 2)
 OPTIMIZER = {"weight_decay": 0.01}
 # Not bitwise: vmapping batches the runs' matmuls and reductions (one (K*B, ...) dot against shared weights, batched
@@ -19,23 +22,6 @@ OPTIMIZER = {"weight_decay": 0.01}
 # bias: softmax ignores it) turn rounding noise into full-size steps: measured max |diff| 1.4e-7 here, 5e-6 with
 # LP-FT's full fine-tune. 1e-5 (the engine's layout tolerance) is far below what one step changes (~1e-3).
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """Runs that differ by seed only compile the same programs: a persistent cache lets the second and third
-    reference runs (and the LR test's vmapped program) skip XLA, which keeps this module under a minute on 2 shared
-    CPU cores. The previous cache settings are restored afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    names += ("jax_persistent_cache_min_entry_size_bytes",)
-    before = {n: getattr(jax.config, n) for n in names}
-    engine.enable_compilation_cache(str(tmp_path_factory.mktemp("jax_cache")))
-    yield
-    for n, v in before.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ import pytest
 
 from tljax import engine, freezing, job, sweep
 
+# one worker runs this module under `pytest -n 2 --dist loadgroup`: its module fixtures (whole runs) are built once
+pytestmark = pytest.mark.xdist_group("test_sweep")
+
 TINY = "experiments/configs/sweeps/tiny.py"
 POINTS = [f"schedule={s},seed={i}" for s in ("linear_probe", "full") for i in (0, 1)]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -31,22 +34,6 @@ def tiny_text_dir(tmp_path_factory):
     from hub_stand_ins import plant
 
     return str(plant(tmp_path_factory.mktemp("hub"), "bert-base-uncased"))
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """JAX's persistent cache for this module (a second seed compiles nothing), then the settings as they were."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
-    before = {n: getattr(jax.config, n) for n in names}
-    path = engine.enable_compilation_cache(str(tmp_path_factory.mktemp("jax_cache")))
-    yield path
-    for n, value in before.items():
-        jax.config.update(n, value)
-    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tljax import evaluation, freezing, partition, task
+from tljax import evaluation, freezing, partition, prefix_cache, task
 from tljax.checkpoints import CheckpointConfig, Checkpoints, abstract_with_shardings
 from tljax.fields import from_fields
 from tljax.losses import classification_loss
 from tljax.metrics import MetricWriter
 from tljax.parallel import FSDP_MIN_SIZE, Placement
+from tljax.prefix_cache import PrefixCache
 from tljax.step import TrainState, init_state, make_train_step
 
 log = logging.getLogger("tljax")
@@ -90,6 +91,8 @@ class EngineConfig:
       frozen_batchnorm: "inference" (BatchNorm layers a phase freezes use and keep their running statistics, as
         Keras does) or "train" (batch statistics, updated running statistics).
       early_stopping: an `EarlyStopping` (or None); it sets `checkpoint.best_metric` to its metric when unset.
+      prefix_cache: a `PrefixCache` (or None): phases that freeze the bottom blocks train the top from their
+        cached outputs (`tljax.prefix_cache`; needs a `TrainData` without augmentation).
     """
 
     workdir: str | None = None
@@ -107,8 +110,14 @@ class EngineConfig:
     tensorboard: bool = True
     frozen_batchnorm: str = "inference"
     early_stopping: EarlyStopping | None = None
+    prefix_cache: PrefixCache | None = None
 
     def __post_init__(self):
+        if self.prefix_cache is not None and self.frozen_batchnorm != "inference":
+            raise ValueError(
+                "prefix_cache runs the frozen prefix in inference mode, but frozen_batchnorm='train' updates its "
+                "BatchNorm statistics every step: use frozen_batchnorm='inference' or prefix_cache=None"
+            )
         es, ck = self.early_stopping, self.checkpoint
         if es is None:
             return
@@ -129,6 +138,8 @@ class EngineConfig:
             cfg["checkpoint"] = from_fields(CheckpointConfig, cfg["checkpoint"], "checkpoint config key")
         if isinstance(cfg.get("early_stopping"), Mapping):
             cfg["early_stopping"] = from_fields(EarlyStopping, cfg["early_stopping"], "early_stopping config key")
+        if isinstance(cfg.get("prefix_cache"), Mapping):
+            cfg["prefix_cache"] = from_fields(PrefixCache, cfg["prefix_cache"], "prefix_cache config key")
         return from_fields(cls, cfg, "engine config key")
 
 
@@ -146,6 +157,8 @@ class PhaseRecord:
     step_seconds: float
     metrics: dict  # the last training metrics of the phase
     eval: dict = field(default_factory=dict)  # the evaluation at the phase's last step (when eval_data is given)
+    prefix_blocks: int = 0  # bottom blocks trained from the frozen-prefix cache (0: the full model ran)
+    prefix_seconds: float = 0.0  # computing (or reading) that cache
 
 
 @dataclass
@@ -324,6 +337,16 @@ def _iterator(train_data, start: int) -> Iterator[Mapping]:
     return iter(train_data)
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """A phase trained from a frozen-prefix cache."""
+
+    depth: int
+    block: str
+    batches: Iterator[Mapping]
+    seconds: float
+
+
 class _Run:
     """The state of one `fit` call; methods are the loop's steps."""
 
@@ -340,6 +363,10 @@ class _Run:
         self.last_eval: dict = {}
         self.evals = EvalLog(config.workdir)
         self.eval_seconds = 0.0
+        self.prefixes = None
+        if config.prefix_cache is not None:
+            prefix_cache.check_data(train_data)
+            self.prefixes = prefix_cache.Store(config.prefix_cache)
 
     def close(self):
         if self.ckpts is not None:
@@ -376,7 +403,12 @@ class _Run:
             while index < len(self.plan.phases) and status == "completed":
                 phase = self.plan.phases[index]
                 state = self._enter(state, previous, phase.partition)
-                state, status = self._phase(phase, state, data, first)
+                prefix = self._prefix(phase, state)
+                if prefix is None:
+                    state, status = self._phase(phase, state, data, first)
+                else:  # the phase reads the cached rows; the next one restarts the plain data where it ended
+                    state, status = self._phase(phase, state, prefix.batches, None, prefix)
+                    data = _iterator(self.train_data, phase.stop) if index + 1 < len(self.plan.phases) else data
                 previous, index, first = phase.partition, index + 1, None
         host = self.place.host_state(state)
         if self.ckpts and self.saved_step != int(host.step):
@@ -436,7 +468,24 @@ class _Run:
         task.check_labels(batch, self.classes, where=f"training batch for step {step}")
         return self.place.batch(batch)
 
-    def _phase(self, phase: freezing.PlannedPhase, state, data, first):
+    def _prefix(self, phase: freezing.PlannedPhase, state) -> _Prefix | None:
+        """The cached prefix this phase trains from, or None (no cache configured, too few frozen blocks)."""
+        if self.prefixes is None:
+            return None
+        depth = prefix_cache.cached_blocks(self.config.prefix_cache, self.loaded, phase.partition)
+        if not depth:
+            log.info("phase %s: too few frozen bottom blocks to cache, runs the full model", phase.name)
+            return None
+        t0, host = time.perf_counter(), self.place.host_state(state)
+        hidden = self.prefixes.get(
+            self.loaded, self.train_data, depth, params=host.params, collections=host.collections
+        )
+        seconds = time.perf_counter() - t0
+        log.info("phase %s: trains above %d cached frozen block(s) (%.1fs for the cache)", phase.name, depth, seconds)
+        batches = prefix_cache.batches(self.train_data, hidden, int(host.step))
+        return _Prefix(depth, prefix_cache.output_block(self.loaded, depth), batches, seconds)
+
+    def _phase(self, phase: freezing.PlannedPhase, state, data, first, prefix: _Prefix | None = None):
         begin = int(self.place.host_state(state).step)
         part = phase.partition
         batch = self._placed(first if first is not None else self._next(data, begin), begin)
@@ -447,6 +496,7 @@ class _Run:
             accumulate=self.config.accumulate,
             axis_name=axis,
             frozen_batchnorm=self.config.frozen_batchnorm,
+            prefix_block=prefix.block if prefix else None,
         )
         step_fn = self.place.compile(factory, state, batch)
         compile_s = step_fn.compile_seconds
@@ -490,6 +540,8 @@ class _Run:
                 / max(1, end - begin),  # training only: later shapes' compiles and evaluations excluded
                 metrics,
                 self.last_eval if end == phase.stop and self.evals.at(end) else {},
+                prefix.depth if prefix else 0,
+                prefix.seconds if prefix else 0.0,
             )
         )
         return state, status

@@ -115,13 +115,13 @@ def pool_hidden(hidden, how: str, attention_mask=None):
     raise ValueError(f"pooling {how!r} does not apply to {kind}; use 'cls'/'mean' for tokens, 'mean' for maps")
 
 
-def _is_block(module_path: tuple[str, ...], regex: str) -> bool:
+def is_block(module_path: tuple[str, ...], regex: str) -> bool:
     """The outermost module whose parameters `block_regex(i)` covers: the block itself, not its sublayers."""
     here, parent = "/".join(module_path) + "/", "/".join(module_path[:-1]) + "/"
     return re.match(regex, here) is not None and re.match(regex, parent) is None
 
 
-def _captured(intermediates: Mapping, regex: str):
+def captured(intermediates: Mapping, regex: str):
     """The output of the block `regex` names among the captured ones (paths like `encoder/layer_0/__call__`)."""
     outs = [v[0] for p, v in tree.flatten(intermediates).items() if re.match(regex, p.removesuffix("__call__"))]
     if len(outs) != 1:
@@ -144,7 +144,7 @@ def feature_step(variables, inputs, *, module, blocks: tuple, poolings: tuple) -
     code that XLA removes.
     """
     wanted = [b for b in blocks if b is not None]
-    capture = lambda mdl, method: method == "__call__" and any(_is_block(mdl.path, b) for b in wanted)
+    capture = lambda mdl, method: method == "__call__" and any(is_block(mdl.path, b) for b in wanted)
     outputs, state = module.apply(
         variables, **inputs, train=False, capture_intermediates=capture, mutable=["intermediates"]
     )
@@ -152,7 +152,7 @@ def feature_step(variables, inputs, *, module, blocks: tuple, poolings: tuple) -
     out = []
     for block, how in zip(blocks, poolings, strict=True):
         if block is not None:
-            x = pool_hidden(_captured(state["intermediates"], block), how, mask)
+            x = pool_hidden(captured(state["intermediates"], block), how, mask)
         elif how in HIDDEN_POOLINGS:
             x = pool_hidden(outputs["last_hidden_state"], how, mask)
         else:
@@ -161,7 +161,7 @@ def feature_step(variables, inputs, *, module, blocks: tuple, poolings: tuple) -
     return tuple(out)
 
 
-def _local_rows(x: jax.Array) -> np.ndarray:
+def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded output (all rows on a single host)."""
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
@@ -206,7 +206,7 @@ def extract_many(
         batch = parallel.pad_to_devices(batch, mesh)
         out = feature_step(variables, parallel.global_batch(model_inputs(batch), mesh), **static)
         labels, keep = _labels_and_keep(batch, out[0].shape[0])
-        xs.append([_local_rows(x)[keep] for x in out])
+        xs.append([local_rows(x)[keep] for x in out])
         ys.append(labels[keep])
     if not xs:
         raise ValueError("extract saw no batches")

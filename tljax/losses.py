@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-NOT_INPUTS = ("labels", "mask")  # batch entries the model does not take
+PREFIX_KEY = "prefix_hidden"  # cached activations of frozen bottom blocks (`tljax.prefix_cache`)
+NOT_INPUTS = ("labels", "mask", PREFIX_KEY)  # batch entries the model does not take
 
 
 def model_inputs(batch: Mapping) -> dict:

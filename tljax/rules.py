@@ -25,7 +25,7 @@ def _has_head(loaded) -> bool:
     return "head" in loaded.params and "backbone" in loaded.params
 
 
-def _at(loaded, regex: str) -> str:
+def at_backbone(loaded, regex: str) -> str:
     """Anchors a backbone regex below `backbone/` when the model has a head."""
     if _has_head(loaded) and regex.startswith("^"):
         return "^backbone/" + regex[1:]
@@ -72,9 +72,9 @@ def top_k(loaded, k: int, decay: float | None = None) -> RuleList:
     rule = (lambda i: TRAIN) if decay is None else (lambda i: train(lr_mult=decay ** (n - i)))
     listed = (
         _head(loaded)
-        + [(_at(loaded, blocks(i)), rule(i)) for i in range(n - k, n)]
-        + [(_at(loaded, blocks(i)), FROZEN) for i in range(n - k)]
-        + [(_at(loaded, loaded.family.STEM_REGEX), FROZEN)]
+        + [(at_backbone(loaded, blocks(i)), rule(i)) for i in range(n - k, n)]
+        + [(at_backbone(loaded, blocks(i)), FROZEN) for i in range(n - k)]
+        + [(at_backbone(loaded, loaded.family.STEM_REGEX), FROZEN)]
     )
     return listed + _rest(loaded, listed, TRAIN)
 
@@ -84,11 +84,11 @@ def single(loaded, group: str | int) -> RuleList:
     if group == "head":
         return linear_probe(loaded)
     if group == "stem":
-        return [(_at(loaded, loaded.family.STEM_REGEX), TRAIN), (".*", FROZEN)]
+        return [(at_backbone(loaded, loaded.family.STEM_REGEX), TRAIN), (".*", FROZEN)]
     n = _depth(loaded)
     if not isinstance(group, int) or not 0 <= group < n:
         raise ValueError(f"single(group=...) takes 'head', 'stem' or a block index in [0, {n}), got {group!r}")
-    return [(_at(loaded, loaded.family.block_regex(group)), TRAIN), (".*", FROZEN)]
+    return [(at_backbone(loaded, loaded.family.block_regex(group)), TRAIN), (".*", FROZEN)]
 
 
 def surgical(loaded, block: int) -> RuleList:
@@ -96,7 +96,7 @@ def surgical(loaded, block: int) -> RuleList:
     n = _depth(loaded)
     if not 0 <= block < n:
         raise ValueError(f"surgical block must be in [0, {n}), got {block}")
-    return _head(loaded) + [(_at(loaded, loaded.family.block_regex(block)), TRAIN), (".*", FROZEN)]
+    return _head(loaded) + [(at_backbone(loaded, loaded.family.block_regex(block)), TRAIN), (".*", FROZEN)]
 
 
 def bitfit(loaded) -> RuleList:
@@ -111,15 +111,28 @@ def norm_only(loaded) -> RuleList:
 
 def embeddings_frozen(loaded) -> RuleList:
     """Everything but the embeddings / stem trains."""
-    return [(_at(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)]
+    return [(at_backbone(loaded, loaded.family.STEM_REGEX), FROZEN), (".*", TRAIN)]
 
 
 def llrd(loaded, decay: float) -> RuleList:
     """Layer-wise LR decay: `lr * decay ** (depth - layer_id)`, stem at layer 0, head and top at depth = n + 1."""
     n = _depth(loaded)
-    blocks = [(_at(loaded, loaded.family.block_regex(i)), train(lr_mult=decay ** (n - i))) for i in range(n)]
-    listed = blocks + [(_at(loaded, loaded.family.STEM_REGEX), train(lr_mult=decay ** (n + 1)))]
+    blocks = [(at_backbone(loaded, loaded.family.block_regex(i)), train(lr_mult=decay ** (n - i))) for i in range(n)]
+    listed = blocks + [(at_backbone(loaded, loaded.family.STEM_REGEX), train(lr_mult=decay ** (n + 1)))]
     return listed + _rest(loaded, listed, TRAIN)
+
+
+def reinitialized(loaded) -> RuleList:
+    """Only what `load_pretrained` re-initialised trains (a new head, `reinit=` blocks); everything loaded from the
+    checkpoint stays frozen. Transferring the bottom blocks frozen and training fresh ones above them on the new
+    task is Yosinski et al. (2014)'s AnB; `full` on the same load is their AnB+."""
+    fresh = [p.removeprefix("params/") for p in loaded.report.reinitialized if p.startswith("params/")]
+    if not fresh:
+        raise ValueError(
+            f"nothing in {loaded.report.source} was re-initialised at load, so rule set 'reinitialized' would train "
+            "nothing: load with num_classes= (a new head) or reinit=[...] (fresh blocks)"
+        )
+    return [(f"^{re.escape(p)}$", TRAIN) for p in fresh] + [(".*", FROZEN)]
 
 
 RULE_SETS: dict[str, Callable[..., RuleList]] = {
@@ -132,6 +145,7 @@ RULE_SETS: dict[str, Callable[..., RuleList]] = {
     "single": single,
     "embeddings_frozen": embeddings_frozen,
     "llrd": llrd,
+    "reinitialized": reinitialized,
 }
 
 

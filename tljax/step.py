@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tljax import tree
-from tljax.losses import classification_loss
+from tljax import prefix_cache, tree
+from tljax.losses import PREFIX_KEY, classification_loss
 from tljax.models import batchnorm
 from tljax.partition import Partition
 from tljax.task import apply_for_loss
@@ -80,6 +80,7 @@ def make_train_step(
     accumulate: int = 1,
     axis_name: str | None = None,
     frozen_batchnorm: str = "inference",
+    prefix_block: str | None = None,
 ):
     """Returns the pure `train_step(state, batch) -> (state, metrics)`; jit it with `donate_argnums=0`.
 
@@ -89,6 +90,8 @@ def make_train_step(
         each device draws its own dropout masks.
       frozen_batchnorm: "inference" (default): BatchNorm layers whose parameters this partition freezes normalise
         with their running statistics and keep them; "train": they use batch statistics and update them.
+      prefix_block: train from a frozen-prefix cache: the block this regex names (`prefix_cache.output_block`)
+        returns the batch's `prefix_hidden` rows instead of running, and the blocks below it are dead code.
     """
     if frozen_batchnorm not in FROZEN_BATCHNORM_MODES:
         raise ValueError(f"frozen_batchnorm must be one of {FROZEN_BATCHNORM_MODES}, got {frozen_batchnorm!r}")
@@ -97,7 +100,8 @@ def make_train_step(
 
     def grads_of(trainable, frozen, collections, batch, rng):
         def loss(t):
-            with batchnorm.running_average(frozen_norms):
+            cached = batch.get(PREFIX_KEY)
+            with batchnorm.running_average(frozen_norms), prefix_cache.replaced_output(prefix_block, cached):
                 out, new_collections = apply_for_loss(model, merge_trainable(t, frozen), collections, batch, rng)
             value, metrics = loss_fn(out, batch)
             return value, (metrics, dict(new_collections) or collections)

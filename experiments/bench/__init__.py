@@ -8,6 +8,7 @@ in one run.
     python -m experiments.bench pipeline          # input pipeline examples/s vs the train step's consumption
     python -m experiments.bench probe_cache       # linear probe on cached features vs recomputing the backbone
     python -m experiments.bench vmap_seeds        # 8 seeds of LP-FT as one vmapped program vs 8 engine.fit runs
+    python -m experiments.bench prefix_cache      # top-1 / top-3 fine-tuning from cached frozen blocks vs full
 
 Each benchmark is a module of this package with `run(quick: bool) -> list[dict]`; its docstring says what it
 measures. `fsdp` runs on 8 fake CPU devices unless XLA_FLAGS already sets a device count (on an accelerator host:
@@ -20,7 +21,7 @@ import argparse
 import importlib
 import os
 
-BENCHMARKS = ("freeze", "schedule", "fsdp", "pipeline", "probe_cache", "vmap_seeds")
+BENCHMARKS = ("freeze", "schedule", "fsdp", "pipeline", "probe_cache", "vmap_seeds", "prefix_cache")
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,8 @@ def base_config() -> ConfigDict:
     c.model.dtype = "float32"  # compute dtype; "bfloat16" with param_dtype "float32" for mixed precision
     c.model.param_dtype = FieldReference(None, field_type=str)
     c.model.options = ConfigDict()  # family options, e.g. image_size for ViT / CLIP position resampling
+    # instead of name: train from scratch, an HF config as a dict with model_type (tljax.models.from_config)
+    c.model.config = ConfigDict()
 
     c.data = ConfigDict()
     c.data.train = ""  # "source:split", see tljax.data.sources
@@ -67,4 +69,7 @@ def base_config() -> ConfigDict:
     # patience 0: off; else stop the final phase after `patience` evaluations without improvement
     c.engine.early_stopping = ConfigDict({"metric": "accuracy", "mode": "max", "patience": 0, "min_delta": 0.0})
     c.engine.frozen_batchnorm = "inference"
+    # min_blocks 0: off; else phases freezing >= min_blocks bottom blocks train from their cached outputs
+    # (tljax.prefix_cache; un-augmented data only); directory "": in memory, else on disk under data_key
+    c.engine.prefix_cache = ConfigDict({"min_blocks": 0, "directory": "", "data_key": ""})
     return c

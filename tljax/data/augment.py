@@ -259,6 +259,12 @@ class Augment:
         if not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got {self}")
 
+    @property
+    def random(self) -> bool:
+        """Whether any augmentation is on (else training reads the deterministic preprocessing, which caches)."""
+        mix = self.mixup_alpha > 0 or self.cutmix_alpha > 0
+        return bool(self.random_resized_crop or self.flip or self.randaugment_n or mix)
+
     def batch_transform(self, num_classes: int) -> MixBatch | None:
         """The mixup/cutmix batch transform for `random_map` after `.batch()`; None when both alphas are 0."""
         if self.mixup_alpha <= 0 and self.cutmix_alpha <= 0:

@@ -116,12 +116,15 @@ class TrainData:
         """Whole global batches in one pass over the split (what phases given in epochs count)."""
         return len(self.split) // self.batch_size
 
-    def _dataset(self) -> grain.MapDataset:
+    def _ordered(self, source) -> grain.MapDataset:
+        """Stream position -> `source[example index]`: the epoch permutations (or length-grouped order)."""
         if self.order is None:
-            ds = grain.MapDataset.source(self.split).seed(self.seed).shuffle().repeat(None)
-        else:
-            split, order = self.split, self.order
-            ds = grain.MapDataset.range(order.positions).seed(self.seed).map(lambda pos: split[order[pos]])
+            return grain.MapDataset.source(source).seed(self.seed).shuffle().repeat(None)
+        order = self.order
+        return grain.MapDataset.range(order.positions).seed(self.seed).map(lambda pos: source[order[pos]])
+
+    def _dataset(self) -> grain.MapDataset:
+        ds = self._ordered(self.split)
         # per-example transforms before the process slice: seeds follow the global position, not the local one
         if self.random_transform is not None:
             ds = ds.random_map(self.random_transform, seed=self.seed)
@@ -138,9 +141,19 @@ class TrainData:
         return self.dataset[step]
 
     def __call__(self, step: int = 0) -> Iterator[Mapping]:
+        return self._iterate(self.dataset, step)
+
+    def indices(self, step: int = 0) -> Iterator[np.ndarray]:
+        """The example indices of this process's batches from global step `step` on, in the rows' order (what a
+        cache of per-example values, e.g. `tljax.prefix_cache`, gathers by)."""
+        ds = self._ordered(range(len(self.split))).slice(slice(self.process_index, None, self.process_count))
+        ds = ds.batch(self.local_batch_size, drop_remainder=True, batch_fn=lambda xs: np.asarray(xs, np.int64))
+        return self._iterate(ds, step)
+
+    def _iterate(self, ds: grain.MapDataset, step: int) -> Iterator:
         if not isinstance(step, int | np.integer) or step < 0:
             raise ValueError(f"train_data(step) takes a step >= 0, got {step!r}")
-        tail = self.dataset.slice(slice(int(step), None))
+        tail = ds.slice(slice(int(step), None))
         return iter(tail.to_iter_dataset(_read_options(self.threads, self.prefetch)))
 
 

@@ -94,6 +94,20 @@ class ImagePreprocess:
             rescale_factor=rescale,
         )
 
+    def to_hf_config(self) -> dict:
+        """An HF image-processor dict that `from_hf_config` reads back as this preprocessing (exports write it as
+        `preprocessor_config.json`, so a model trained from scratch reloads with its own statistics)."""
+        common = {"do_resize": True, "resample": int(self.resample), "do_rescale": True,
+                  "rescale_factor": self.rescale_factor, "do_normalize": True, "image_mean": list(self.mean),
+                  "image_std": list(self.std)}  # fmt: skip
+        if self.crop_pct is None:
+            return {"image_processor_type": "ViTImageProcessor", "size": {"height": self.size, "width": self.size},
+                    **common}  # fmt: skip
+        if self.size >= 384:
+            raise ValueError(f"a center crop (crop_pct {self.crop_pct}) at size {self.size} >= 384 has no HF form")
+        return {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": self.size},
+                "crop_pct": self.crop_pct, **common}  # fmt: skip
+
     def resize(self, image: np.ndarray) -> np.ndarray:
         """The deterministic geometry: uint8 (H, W, C) -> uint8 (size, size, C), C unchanged (1 or 3)."""
         pil = to_pil(image)

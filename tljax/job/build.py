@@ -162,6 +162,8 @@ class ImageInputs:
     num_classes: int
 
     def train_kwargs(self, split: Split) -> dict:
+        if not self.augment.random:  # deterministic: the same examples every epoch (a frozen prefix can be cached)
+            return {"transform": self.preprocess}
         mix = self.augment.batch_transform(self.num_classes)
         return {"random_transform": data.train_transform(self.preprocess, self.augment), "batch_transform": mix}
 
@@ -177,7 +179,10 @@ class ImageInputs:
                 "resample": int(p.resample), "rescale_factor": p.rescale_factor}  # fmt: skip
 
 
-def make_inputs(loaded, folder: str, kind: str, cfg, num_classes: int):
+def make_inputs(loaded, folder: str | None, kind: str, cfg, num_classes: int):
+    """How records become batches; `folder` (None: a model from scratch) holds the tokenizer / image statistics."""
+    if folder is None and kind == "text":
+        raise ValueError("a text model trained from scratch (model.config) has no tokenizer folder; load a checkpoint")
     if kind == "text":
         tokenizer = tm.load_tokenizer(folder)
         fine = tuple(range(8, cfg.max_length, 8)) + (cfg.max_length,)
@@ -187,22 +192,36 @@ def make_inputs(loaded, folder: str, kind: str, cfg, num_classes: int):
             bool(cfg.get("group_by_length", False)),
         )
     overrides = {"size": cfg.image_size} if cfg.get("image_size") else {}
-    preprocess = data.ImagePreprocess.from_pretrained(folder, **overrides)
+    if folder is None and not overrides:
+        raise ValueError("a model trained from scratch (model.config) needs data.image_size")
+    preprocess = (
+        data.ImagePreprocess(**overrides)
+        if folder is None
+        else data.ImagePreprocess.from_pretrained(folder, **overrides)
+    )
     augment = data.Augment(**dict(cfg.get("augment") or {}))
     return ImageInputs(preprocess, augment, num_classes)
 
 
-def load_model(cfg, num_classes: int):
+def load_model(cfg, num_classes: int, seed: int = 0):
+    """The checkpoint `cfg.name` names, or with `cfg.config` (an HF config dict) a model trained from scratch."""
     head = tm.ClassificationHead(num_classes, hidden=cfg.get("head_hidden", 0), dropout=cfg.get("head_dropout", 0.0))
-    return tm.load_pretrained(
-        model_folder(cfg.name),
-        head=head,
-        pooling=cfg.get("pooling"),
-        dtype=cfg.get("dtype", "float32"),
-        param_dtype=cfg.get("param_dtype"),
-        reinit=list(cfg.get("reinit") or []),
-        **dict(cfg.get("options") or {}),
-    )
+    common = dict(head=head, pooling=cfg.get("pooling"), dtype=cfg.get("dtype", "float32"),
+                  param_dtype=cfg.get("param_dtype"), **dict(cfg.get("options") or {}))  # fmt: skip
+    if from_scratch(cfg):
+        if cfg.get("name") or cfg.get("reinit"):
+            raise ValueError(
+                "model.config trains a model from scratch: leave model.name and model.reinit empty (or drop "
+                "model.config to load a checkpoint)"
+            )
+        return tm.from_config(_plain(cfg.config), seed=seed, **common)
+    if not cfg.get("name"):
+        raise ValueError("set model.name (a hub id or checkpoint folder) or model.config (an HF config dict)")
+    return tm.load_pretrained(model_folder(cfg.name), reinit=list(cfg.get("reinit") or []), seed=seed, **common)
+
+
+def from_scratch(cfg) -> bool:
+    return bool(cfg.get("config"))
 
 
 def make_schedule(cfg, loaded) -> freezing.FreezingSchedule:
@@ -225,6 +244,10 @@ def make_engine_config(config, workdir: str | None, steps_per_epoch: int) -> eng
         values["checkpoint"] = {**values["checkpoint"], "best_metric": None}
     if not (values.get("early_stopping") or {}).get("patience"):
         values["early_stopping"] = None
+    if not (values.get("prefix_cache") or {}).get("min_blocks"):
+        values["prefix_cache"] = None
+    else:
+        values["prefix_cache"] = {k: v or None for k, v in values["prefix_cache"].items()}  # "" -> None
     values.update(workdir=workdir, seed=config.seed, steps_per_epoch=steps_per_epoch,
                   optimizer=dict(config.get("optimizer", {})))  # fmt: skip
     return engine.EngineConfig.from_config(values)
@@ -236,8 +259,8 @@ def build(config, workdir: str | None = None) -> Job:
     d = config.data
     splits = load_splits(d)
     classes = splits.train.num_classes
-    loaded = load_model(config.model, classes)
-    folder = str(hub.resolve(model_folder(config.model.name)))  # hub ids: the cached snapshot
+    loaded = load_model(config.model, classes, config.seed)
+    folder = None if from_scratch(config.model) else str(hub.resolve(model_folder(config.model.name)))
     inputs = make_inputs(loaded, folder, splits.train.kind, d, classes)
     train_data = data.TrainData(splits.train, batch_size=d.batch_size, seed=d.get("seed", config.seed),
                                 **inputs.train_kwargs(splits.train))  # fmt: skip

@@ -15,7 +15,7 @@ import numpy as np
 
 import tljax
 import tljax.models as tm
-from tljax import engine, evaluation, tree
+from tljax import engine, evaluation, prefix_cache, tree
 from tljax.job.build import Job, TextInputs, build
 
 log = logging.getLogger("tljax")
@@ -89,12 +89,14 @@ def _report(job: Job, result: engine.FitResult, workdir: Path) -> dict:
     plan, total = result.plan, tree.count(job.loaded.params)
     tests = TestAt(job, plan, workdir)
     phases = []
+    cache = job.engine_config.prefix_cache
     for p in plan.phases:
         reached = [e for e in result.evals if e["step"] == p.stop]
         test = tests.report(p.stop).metrics if reached and job.test_data else None
+        cached = prefix_cache.cached_blocks(cache, job.loaded, p.partition)
         phases.append({"name": p.name, "start": p.start, "end": p.stop, "trainable_params": p.partition.count("train"),
-                       "total_params": total, "validation": reached[0]["metrics"] if reached else None,
-                       "test": test})  # fmt: skip
+                       "total_params": total, "prefix_cached_blocks": cached,
+                       "validation": reached[0]["metrics"] if reached else None, "test": test})  # fmt: skip
     selected, step = _selected(job, result)
     test = tests.report(step) if job.test_data else None
     _export(job, tests.state(step), workdir)
@@ -178,6 +180,8 @@ def _export(job: Job, state, workdir: Path) -> None:
                                 label_names=job.label_names, overwrite=True)  # fmt: skip
     if isinstance(job.inputs, TextInputs):
         job.inputs.batcher.tokenizer.save_pretrained(folder)
+    else:  # the statistics it was trained with: a transfer run loading this folder preprocesses the same way
+        (folder / "preprocessor_config.json").write_text(json.dumps(job.inputs.preprocess.to_hf_config(), indent=1))
     (folder / DATA_FILE).write_text(json.dumps(job.inputs.describe(), indent=1))
 
 

@@ -4,6 +4,7 @@ from tljax.models.families import FAMILIES, family
 from tljax.models.heads import ClassificationHead, MultiHead, WithHead, mean_pool, pool
 from tljax.models.hub import CheckpointError
 from tljax.models.pretrained import LoadReport, Pretrained, load_pretrained, save_pretrained
+from tljax.models.scratch import from_config
 
 
 def load_tokenizer(name_or_path, **kwargs):
@@ -24,6 +25,7 @@ __all__ = [
     "Pretrained",
     "WithHead",
     "family",
+    "from_config",
     "load_pretrained",
     "load_tokenizer",
     "mean_pool",

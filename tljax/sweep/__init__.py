@@ -17,6 +17,10 @@ A sweep config is plain data (build it with `sweep.config(...)`, which keeps dot
                metric_mode "max" or "min" says which end is best
   x_axis       optional: also plot the metric against this axis, or against a dotted key of each run's config
                (a top-k depth: "schedule.args.k", "schedule.phases.1.rule_args.k"); numbers, else categories
+  before       optional {stage: sweep config}: sweeps that run first, each in DIR/<stage>/ (pre-training whose
+               exports the grid loads); the grid starts once every run of them finished. In override values,
+               "{sweep_dir}" is DIR and "{axis.<name>}" the point's value of that axis:
+               "model.name": "{sweep_dir}/pretrain/runs/source=A,seed={axis.seed}/export"
 
 The axis "seed" is the replicate axis: summaries average over it. Every dotted key must exist in the base config
 (unknown keys are errors that name the key and the point); a dict value replaces a section whole (`schedule.args`),
@@ -50,6 +54,7 @@ from tljax.sweep.spec import (
     Point,
     command,
     config,
+    expand,
     folder_config,
     folder_name,
     job_config,
@@ -64,6 +69,6 @@ from tljax.sweep.spec import (
 
 __all__ = [
     "Outcome", "Point", "Report", "Run", "RunFailed", "Setting", "SweepResult", "aggregate", "best_setting",
-    "command", "config", "folder_config", "folder_name", "job_config", "load_config", "lookup", "parse_shard",
+    "command", "config", "expand", "folder_config", "folder_name", "job_config", "load_config", "lookup", "parse_shard",
     "points", "read_run", "report", "run", "spec", "take_shard", "write_text_atomic",
 ]  # fmt: skip

@@ -115,7 +115,7 @@ def report(workdir: str | os.PathLike) -> Report:
     """
     workdir = Path(workdir)
     s, listed = _listing(workdir)
-    runs = [read_run(p, workdir / RUNS / p.folder, _expected_config(s, p)) for p in listed]
+    runs = [read_run(p, workdir / RUNS / p.folder, _expected_config(s, p, workdir)) for p in listed]
     axes = list(s["axes"])
     settings = aggregate(runs, axes, s["metric"])
     best = best_setting(settings, s["metric_mode"])
@@ -150,12 +150,12 @@ def read_run(point: Point, folder: Path, expected: dict | None = None) -> Run:
     return Run(point, folder, results, why, stale=True)
 
 
-def _expected_config(s: dict, point: Point) -> dict | None:
+def _expected_config(s: dict, point: Point, workdir: Path) -> dict | None:
     """The resolved job config of a point, None where it cannot be built (no sweep.json, base config gone)."""
     if not s["base"]:
         return None
     try:
-        return job.resolved(job_config(s, point))
+        return job.resolved(job_config(s, point, workdir))
     except (ValueError, OSError, ImportError):
         return None
 

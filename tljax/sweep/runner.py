@@ -101,9 +101,13 @@ def run(
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     if parallel < 1 or (mode == "inprocess" and parallel != 1):
         raise ValueError(f"parallel={parallel}: runs at a time >= 1, and more than one needs mode 'subprocess'")
-    todo = points(s) if shard is None else take_shard(points(s), *shard)
-    configs = [job_config(s, p) for p in todo]  # every key is checked before anything trains
     workdir = Path(workdir).resolve()
+    todo = points(s) if shard is None else take_shard(points(s), *shard)
+    configs = [job_config(s, p, workdir) for p in todo]  # every key is checked before anything trains
+    for stage, sub in s["before"].items():  # earlier stages (pre-training) first, each a sweep of its own
+        kw = dict(parallel=parallel, mode=mode, shard=shard, progress=progress, compilation_cache=compilation_cache)
+        run(sub, workdir / stage, **kw, echo=lambda line, stage=stage: echo(f"{stage} {line}"))
+        _wait_for_stage(workdir / stage, stage, poll=None if shard is None else STAGE_POLL_SECONDS, echo=echo)
     write_text_atomic(workdir / SWEEP_FILE, json.dumps(s, indent=1))
 
     def one(index: int, point: Point, config) -> Outcome:
@@ -121,6 +125,29 @@ def run(
         with ThreadPoolExecutor(parallel) as pool:
             outcomes = list(pool.map(one, range(len(todo)), todo, configs))
     return SweepResult(workdir, outcomes, report(workdir))
+
+
+STAGE_POLL_SECONDS = 30.0
+
+
+def _wait_for_stage(folder: Path, stage: str, poll: float | None, echo) -> None:
+    """Returns once every run of the stage in `folder` has finished; raises `RunFailed` if one failed. `poll`
+    (sharded sweeps: other hosts run the other points): check again every `poll` seconds while runs are missing."""
+    while True:
+        runs = report(folder).runs
+        failed = [r.point.name for r in runs if r.status in ("failed", "stale")]
+        if failed:
+            raise RunFailed(
+                f"stage {stage!r}: run(s) {failed} failed, and later stages need them; see their error.txt under "
+                f"{folder / RUNS}, fix the cause and run the sweep again (finished runs are kept)"
+            )
+        missing = [r.point.name for r in runs if r.status == "missing"]
+        if not missing:
+            return
+        if poll is None:
+            raise RunFailed(f"stage {stage!r}: run(s) {missing} did not finish")
+        echo(f"stage {stage!r}: waiting for {len(missing)} run(s) of other shards, e.g. {missing[0]}")
+        time.sleep(poll)
 
 
 def _run_point(point: Point, config, folder: Path, launch: Callable[[], dict], echo) -> Outcome:

@@ -23,7 +23,9 @@ log = logging.getLogger("tljax")
 RUNS, SWEEP_FILE, POINT_FILE, ERROR_FILE, LOG_FILE = "runs", "sweep.json", "point.json", "error.txt", "log.txt"
 CSV_FILE, SUMMARY_FILE, PLOTS = "sweep.csv", "summary.md", "plots"
 FIELDS = {"name": "", "base": "", "overrides": {}, "axes": {}, "points": [], "metric": "test_accuracy",
-          "metric_mode": "max", "x_axis": ""}  # fmt: skip
+          "metric_mode": "max", "x_axis": "", "before": {}}  # fmt: skip
+# in override values: the sweep's work directory, and a point's axis value ({axis.seed})
+SWEEP_DIR, AXIS_VALUE = "{sweep_dir}", re.compile(r"\{axis\.([A-Za-z0-9_.+-]+)\}")
 
 
 SEED = "seed"  # the replicate axis
@@ -51,6 +53,7 @@ def config(
     metric_mode: str = "max",
     x_axis: str = "",
     name: str = "",
+    before: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """A sweep config (fields: see the module docstring).
 
@@ -61,6 +64,7 @@ def config(
     c = ml_collections.ConfigDict(convert_dict=False)
     c.name, c.base, c.metric, c.metric_mode, c.x_axis = name, base, metric, metric_mode, x_axis
     c.overrides, c.axes, c.points = dict(overrides or {}), dict(axes), [dict(p) for p in points]
+    c.before = {k: spec(v) for k, v in (before or {}).items()}
     spec(c)  # mistakes show where the config is written
     return c
 
@@ -86,6 +90,12 @@ def spec(sweep_config) -> dict:
         bad = [k for k, v in values.items() if not isinstance(v, dict)] if isinstance(values, dict) else []
         if bad:
             raise ValueError(f"axis {axis!r}: variant(s) {bad} must be dicts of dotted config keys")
+    if not isinstance(s["before"], dict):
+        raise ValueError(f"before must be a dict of stage name -> sweep config, not {s['before']!r}")
+    for stage, sub in s["before"].items():
+        if stage in (RUNS, PLOTS) or folder_name(stage) != stage:
+            raise ValueError(f"before stage {stage!r}: needs a plain folder name other than {RUNS!r} and {PLOTS!r}")
+        s["before"][stage] = spec(sub)
     return s
 
 
@@ -201,17 +211,41 @@ def config_file(location: str) -> Path:
     return Path(module.origin)
 
 
-def job_config(sweep_config, point: Point) -> ml_collections.ConfigDict:
-    """The base job config with the sweep's overrides, then the point's.
+def job_config(sweep_config, point: Point, workdir: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+    """The base job config with the sweep's overrides, then the point's; in string values `{sweep_dir}` becomes
+    `workdir` (absolute) and `{axis.<name>}` the point's value of that axis (a later stage naming an earlier
+    stage's run: "{sweep_dir}/pretrain/runs/source=A,seed={axis.seed}/export").
 
     Raises:
-      ValueError: a dotted key the base config does not have (named, with the point), or a value of the wrong type.
+      ValueError: a dotted key the base config does not have (named, with the point), a value of the wrong type, a
+        placeholder without a workdir or naming an axis the point does not have.
     """
     s = spec(sweep_config)
     config = load_config(s["base"])
     for key, value in overrides_of(s, point):
-        set_key(config, key, value, point.name)
+        set_key(config, key, expand(value, point, workdir), point.name)
     return config
+
+
+def expand(value, point: Point, workdir: str | os.PathLike | None):
+    """`value` with the placeholders of its strings (in lists and dicts too) replaced; see `job_config`."""
+    if isinstance(value, list):
+        return [expand(v, point, workdir) for v in value]
+    if isinstance(value, dict):
+        return {k: expand(v, point, workdir) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    if SWEEP_DIR in value:
+        if workdir is None:
+            raise ValueError(f"point {point.name}: {value!r} names {SWEEP_DIR} but no sweep directory was given")
+        value = value.replace(SWEEP_DIR, str(Path(workdir).resolve()))
+
+    def axis_value(match: re.Match) -> str:
+        if match[1] not in point.values:
+            raise ValueError(f"point {point.name}: {value!r} names axis {match[1]!r}, not one of {list(point.values)}")
+        return label(point.values[match[1]])
+
+    return AXIS_VALUE.sub(axis_value, value)
 
 
 def overrides_of(s: dict, point: Point) -> list[tuple[str, Any]]:
@@ -255,7 +289,7 @@ def folder_config(run_folder: str | os.PathLike) -> ml_collections.ConfigDict:
     """The job config of the point whose run folder this is: `job_config` of `../../sweep.json` and its point.json."""
     folder = Path(run_folder)
     s = spec(json.loads((folder.parent.parent / SWEEP_FILE).read_text()))
-    return job_config(s, Point(**json.loads((folder / POINT_FILE).read_text())))
+    return job_config(s, Point(**json.loads((folder / POINT_FILE).read_text())), folder.parent.parent)
 
 
 def lookup(obj, key: str):
