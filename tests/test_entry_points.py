@@ -73,12 +73,17 @@ NOTEBOOK_CHECKS = {"quickstart.ipynb": _quickstart_trained, "freezing_ablation.i
 
 
 @pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
-def test_notebook_runs(notebook, tmp_path, monkeypatch):
-    """Each notebook runs top to bottom in a Jupyter kernel (nbclient): any failing cell fails the test."""
+def test_notebook_runs(notebook, tmp_path, monkeypatch, planted_hub):
+    """Each notebook runs top to bottom in a Jupyter kernel (nbclient): any failing cell fails the test. The kernel
+    sees one CPU device (as a notebook user would), the sweep notebook the 2-block stand-in BERT."""
     import nbclient
     import nbformat
 
     monkeypatch.setenv("TLJAX_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv(
+        "TLJAX_NOTEBOOK_MODEL", str(next((planted_hub / "models--bert-base-uncased" / "snapshots").iterdir()))
+    )
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     nb = nbformat.read(notebook, as_version=4)
     nbclient.NotebookClient(
         nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
