@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -41,8 +40,6 @@ from tljax import features, parallel, tree
 from tljax.data.pipeline import EvalData, TrainData
 from tljax.losses import PREFIX_KEY, model_inputs
 from tljax.rules import at_backbone
-
-log = logging.getLogger("tljax")
 
 
 @dataclass(frozen=True)
