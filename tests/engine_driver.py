@@ -51,6 +51,23 @@ def global_batch(step: int, nan: bool = False) -> dict:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": rng.randint(0, 3, GLOBAL_BATCH)}
 
 
+def preempted(n: int, batches=None):
+    """A data source (`source(start)`) of `global_batch`es, or of `batches(start)`, that delivers a preemption notice
+    (SIGTERM) with the batch of step n - 1: the run saves a checkpoint after n steps and stops."""
+
+    def source(start):
+        for step, batch in zip(itertools.count(start), (batches or _global_batches)(start), strict=False):
+            if step == n - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    return source
+
+
+def _global_batches(start: int):
+    return (global_batch(step) for step in itertools.count(start))
+
+
 def data(args, process_index: int, process_count: int):
     rows = GLOBAL_BATCH // process_count
     local = slice(process_index * rows, (process_index + 1) * rows)

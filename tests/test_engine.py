@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from engine_driver import global_batch, make_model
+from engine_driver import global_batch, make_model, preempted
 
 import tljax.models as tm
 from tljax import engine, evaluation, freezing, parallel, tree
@@ -99,27 +99,13 @@ def test_resume_on_a_different_device_count(loaded, single, tmp_path):
     first = engine.fit(
         loaded,
         sched(loaded),
-        _stop_after(4),
+        preempted(4),
         EngineConfig.from_config({"workdir": str(tmp_path / "r"), "progress": False, **cfg}),
     )
     assert first.status == "preempted" and int(first.state.step) == 4
     resumed = fit(loaded, tmp_path, "r", devices=1, **cfg)  # 8 devices wrote it, 1 device reads it
     assert int(resumed.state.step) == 6 and resumed.history[0].start == 4
     assert_close(resumed.state.params, ref.state.params)
-
-
-def _stop_after(n):
-    """A data source that raises SIGTERM's flag after n batches, like a preemption notice."""
-    import os
-    import signal
-
-    def source(start):
-        for step in itertools.count(start):
-            if step == n - 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield global_batch(step)
-
-    return source
 
 
 def test_checkpoint_policy_keeps_latest_and_best(loaded, tmp_path):
@@ -302,7 +288,7 @@ def test_every_phase_ends_with_an_evaluation_and_a_kept_checkpoint(loaded, tmp_p
 
 def test_evaluations_survive_a_resume(loaded, tmp_path):
     cfg = EngineConfig(str(tmp_path / "r"), devices=1, progress=False, checkpoint=CheckpointConfig(every=1))
-    first = engine.fit(loaded, sched(loaded), _stop_after(5), cfg, eval_data=eval_data)
+    first = engine.fit(loaded, sched(loaded), preempted(5), cfg, eval_data=eval_data)
     assert first.status == "preempted" and [e["step"] for e in first.evals] == [3]
     resumed = engine.fit(loaded, sched(loaded), data, cfg, eval_data=eval_data)
     assert [e["step"] for e in resumed.evals] == [3, 6] and list(resumed.phase_evals()) == ["probe", "finetune"]

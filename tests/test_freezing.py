@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import token_batch
+from engine_driver import preempted
 
 import tljax.models as tm
 from tljax import engine, freezing, tree
@@ -42,18 +43,7 @@ def run_schedule(loaded, sched, data=batches, workdir=None, **optimizer):
 
 
 def stop_after(n):
-    """A data source that delivers a preemption notice (SIGTERM) with the batch of step n - 1: the run saves a
-    checkpoint after n steps and stops."""
-    import os
-    import signal
-
-    def source(start):
-        for step, batch in zip(itertools.count(start), batches(start), strict=False):
-            if step == n - 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
-
-    return source
+    return preempted(n, batches)
 
 
 def _same_state(a, b, params) -> bool:

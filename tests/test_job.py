@@ -47,6 +47,49 @@ def test_every_config_builds_without_training(name, hub_cache):
         assert batch["pixel_values"].shape[1:] == (3, built.inputs.preprocess.size, built.inputs.preprocess.size)
 
 
+def test_every_peft_config_and_sweep_point_builds(hub_cache):
+    """experiments/configs/peft.py's methods and every point of sweeps/peft.py resolve to jobs whose first phase
+    trains exactly the PEFT parameters and the head (or the schedule's own groups for BitFit / LP-FT / full)."""
+    from experiments.configs import peft as peft_configs
+    from tljax import peft, sweep, tree
+
+    small = dict(train_size=64, validation_size=32, test_size=32)  # the model and schedule are what is checked
+    for name in peft_configs.METHODS:
+        config = config_of("peft", name)
+        config.data.update(small)
+        built = job.build(config)
+        plan = freezing.resolve(built.schedule, built.loaded, steps_per_epoch=built.train_data.steps_per_epoch)
+        head = tree.count(built.loaded.params["head"])
+        assert plan.phases[0].partition.count("train") == peft.trainable_count(built.loaded) + head, name
+        assert plan.total_steps == 230
+    spec = sweep.load_config("experiments/configs/sweeps/peft.py:1")
+    points = sweep.points(spec)
+    assert [p.values["method"] for p in points] == list(spec.axes["method"])
+    for point in points:  # the same model/schedule sections as the configs built above, or the schedule ablation's
+        config = sweep.job_config(spec, point)
+        kinds = [peft.from_config(m).KIND for m in config.model.peft]
+        method = point.values["method"]
+        assert kinds == ([] if method in ("bitfit", "lp_ft", "full") else [method.split("_")[0]])
+        assert freezing.get(config.schedule.name, built.loaded, **config.schedule.args.to_dict()).total_steps() == 230
+
+
+def test_regularizer_configs_reach_the_engine(hub_cache):
+    """engine.regularizer: name "" is off; each regulariser takes its own keys of the shared section."""
+    config = config_of("default")
+    config.data.update(dict(train_size=64, validation_size=32, test_size=32))
+    assert job.build(config).engine_config.regularizer is None
+    l2 = config_of("regularized")
+    l2.data.update(dict(train_size=64, validation_size=32, test_size=32))
+    assert job.build(l2).engine_config.regularizer == {"name": "l2_sp", "alpha": 0.01, "beta": 0.01}
+    delta = config_of("regularized", "delta")
+    delta.data.update(dict(train_size=64, validation_size=32, test_size=32))
+    delta.engine.regularizer.layers = [-1]
+    assert job.build(delta).engine_config.regularizer == {"name": "delta", "alpha": 0.01, "layers": [-1]}
+    delta.engine.regularizer.name = "l3_sp"
+    with pytest.raises(ValueError, match="unknown regularizer name 'l3_sp'"):
+        job.build(delta)
+
+
 def test_config_errors_are_clear(hub_cache):
     config = config_of("default")
     config.unknown = 1
@@ -111,7 +154,7 @@ def test_a_finished_workdir_is_reported_without_training(finished, tiny_text_dir
     assert job.run(tiny_config(tiny_text_dir), workdir) == json.loads(json.dumps(results))
     other = tiny_config(tiny_text_dir)
     other.schedule.args.ft_steps = 4
-    with pytest.raises(ValueError, match=r"holds a run of another config \(sections \['schedule'\] differ\)"):
+    with pytest.raises(ValueError, match=r"holds a run of another config \(schedule.args.ft_steps differ\)"):
         job.run(other, workdir)
 
 
@@ -159,6 +202,31 @@ def test_predict_reads_the_export_and_matches_the_model(finished, capsys):
     top = labels[int(logits[0].argmax())]
     assert out[0].split(": ", 1)[1].startswith(top)
     assert tm.load_pretrained(workdir / "export").model.head.num_classes == 26
+
+
+def test_a_peft_job_trains_only_its_parameters_and_exports_them(tiny_text_dir, tmp_path):
+    """model.peft weaves LoRA and adapters in; schedule "peft" trains them and the head; the export merges LoRA and
+    keeps the adapters beside the base weights, and experiments.predict reads it back with the same logits."""
+    import tljax.models as tm
+    from experiments import predict
+    from tljax import peft, tree
+
+    config = tiny_config(tiny_text_dir)
+    config.model.peft = [{"method": "lora", "rank": 2}, {"method": "adapter", "size": 4, "style": "pfeiffer"}]
+    config.schedule.name, config.schedule.args = "peft", {"steps": 3, "lr": 1e-2}
+    built = job.build(config)
+    assert [m.KIND for m in peft.methods_of(built.loaded)] == ["lora", "adapter"]
+    results = job.run(config, tmp_path / "run", progress=False)
+    (phase,) = results["phases"]
+    assert phase["trainable_params"] == peft.trainable_count(built.loaded) + tree.count(built.loaded.params["head"])
+    export = tmp_path / "run" / "export"
+    again = tm.load_pretrained(export)
+    assert [m.KIND for m in peft.methods_of(again)] == ["adapter"]  # LoRA merged into the kernels
+    loaded, labels, inputs, tokenizer = predict.load(str(tmp_path / "run"))
+    batch = next(predict.batches(["a domestic animal that barks"], inputs, tokenizer))
+    assert np.isfinite(np.asarray(loaded.model.apply(loaded.variables, **batch)["logits"])).all()
+    with pytest.raises(TypeError, match="override field 'peft'"):  # ml_collections keeps the list type
+        tiny_config(tiny_text_dir).model.peft = {"method": "lora"}
 
 
 def test_probe_mode_reports_a_linear_probe(tiny_text_dir, tmp_path):

@@ -15,6 +15,7 @@ import statistics
 import pytest
 
 from tljax import engine, freezing, job, sweep
+from tljax.job.defaults import base_config
 
 # one worker runs this module under `pytest -n 2 --dist loadgroup`: its module fixtures (whole runs) are built once
 pytestmark = pytest.mark.xdist_group("test_sweep")
@@ -182,8 +183,23 @@ def test_runs_of_another_config_are_stale_and_not_counted(tmp_path, monkeypatch)
     sweep.write_text_atomic(tmp_path / "sweep.json", json.dumps(sweep.spec(changed)))  # as `run` of it writes it
     rep = sweep.report(tmp_path)
     assert [r.status for r in rep.runs] == ["stale"] * 4 and rep.failed == POINTS and rep.best is None
-    assert "finished with another config (sections ['data'] differ): delete its folder" in rep.summary
+    assert "finished with another config (data.train_size differ): delete its folder" in rep.summary
     assert [r["status"] for r in read_csv(tmp_path)] == ["stale"] * 4
+
+
+def test_a_run_older_than_a_new_key_at_its_default_is_not_stale():
+    """Regression: adding a config key (e.g. model.peft) made every finished run "of another config"."""
+    current = job.resolved(base_config())
+    saved = json.loads(json.dumps(current))
+    del saved["model"]["peft"], saved["engine"]["prefix_cache"]
+    assert job.config_changes(saved, current) == []
+    current["model"]["peft"] = [{"method": "lora"}]
+    assert job.config_changes(saved, current) == ["model.peft"]
+    del current["model"]["peft"]
+    saved["model"]["peft"] = []
+    assert job.config_changes(saved, current) == ["model.peft"]  # a key that went away is a change
+    saved["model"]["options"] = {"image_size": 224}
+    assert "model.options.image_size" in job.config_changes(saved, current)
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@
 - Metrics to `metrics.jsonl`, TensorBoard and a tqdm bar (process 0); a NaN/inf loss stops the run and leaves the
   last good checkpoint as the latest one; labels outside the model's classes stop it before the step.
 - `workdir=None` trains in memory (no checkpoints, no files): notebooks and ablation loops.
+- A regulariser toward the starting model (`tljax.regularizers`: L2-SP, DELTA): its anchor w0 is rebuilt from
+  `loaded.params` at every start (never checkpointed) and placed like the params.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tljax import evaluation, freezing, partition, prefix_cache, task
+from tljax import evaluation, freezing, partition, prefix_cache, regularizers, task
 from tljax.checkpoints import CheckpointConfig, Checkpoints, abstract_with_shardings
 from tljax.fields import from_fields
 from tljax.losses import classification_loss
@@ -93,6 +95,9 @@ class EngineConfig:
       early_stopping: an `EarlyStopping` (or None); it sets `checkpoint.best_metric` to its metric when unset.
       prefix_cache: a `PrefixCache` (or None): phases that freeze the bottom blocks train the top from their
         cached outputs (`tljax.prefix_cache`; needs a `TrainData` without augmentation).
+      regularizer: a penalty toward the starting model, as a config dict (`regularizers.check_config`:
+        `{"name": "l2_sp", "alpha": 0.01, "beta": 0.01}`, `{"name": "delta", "alpha": 0.01, "layers": [-1]}`) or a
+        resolved `regularizers.L2SP` / `Delta`; None: no penalty. Metrics gain `reg_loss`; `loss` stays the task's.
     """
 
     workdir: str | None = None
@@ -111,8 +116,10 @@ class EngineConfig:
     frozen_batchnorm: str = "inference"
     early_stopping: EarlyStopping | None = None
     prefix_cache: PrefixCache | None = None
+    regularizer: Mapping[str, Any] | regularizers.Regularizer | None = None
 
     def __post_init__(self):
+        self._check_regularizer()
         if self.prefix_cache is not None and self.frozen_batchnorm != "inference":
             raise ValueError(
                 "prefix_cache runs the frozen prefix in inference mode, but frozen_batchnorm='train' updates its "
@@ -128,6 +135,18 @@ class EngineConfig:
                 f"early_stopping watches {es.metric!r} ({es.mode}) but checkpoint.best_metric is "
                 f"{ck.best_metric!r} ({ck.best_mode}): the restored best checkpoint must be the one early stopping "
                 "judged best; make them agree (or leave checkpoint.best_metric unset)"
+            )
+
+    def _check_regularizer(self):
+        reg = self.regularizer
+        if reg is None:
+            return
+        if isinstance(reg, Mapping):
+            object.__setattr__(self, "regularizer", reg := regularizers.check_config(reg))
+        if self.prefix_cache is not None and regularizers.needs_full_forward(reg):
+            raise ValueError(
+                "regularizer delta compares the outputs of blocks that a frozen-prefix cache never runs: set "
+                "prefix_cache=None, or use l2_sp (which works with the cache)"
             )
 
     @classmethod
@@ -283,6 +302,15 @@ def initial_state(loaded, part: partition.Partition, placement: Placement, seed:
     return placement.build(make, loaded.params, loaded.state)
 
 
+def place_anchor(anchor, placement: Placement):
+    """A regulariser's anchor (`regularizers.anchor`) copied where the state lives, laid out like the params it
+    mirrors (FSDP shards it alike); a copy, since steps donate the state and `loaded` stays usable."""
+    copy = lambda a: jax.tree.map(jnp.copy, a)
+    if placement.mode != "pmap":
+        return placement.build(copy, jax.device_put(anchor, placement.shardings(anchor)))
+    return placement.build(copy, anchor)
+
+
 def abstract_state(loaded, plan: freezing.Plan, step: int) -> TrainState:
     """Shapes and dtypes of the `TrainState` saved after `step` steps of `plan` (a restore target)."""
     part = plan.phases[plan.producing_phase(step)].partition
@@ -363,6 +391,9 @@ class _Run:
         self.last_eval: dict = {}
         self.evals = EvalLog(config.workdir)
         self.eval_seconds = 0.0
+        self.regularizer = None
+        if config.regularizer is not None:  # resolved now: a regex that matches nothing fails before any compute
+            self.regularizer = regularizers.resolve(config.regularizer, loaded)
         self.prefixes = None
         if config.prefix_cache is not None:
             prefix_cache.check_data(train_data)
@@ -402,7 +433,7 @@ class _Run:
         with Preemption() as self.preemption:
             while index < len(self.plan.phases) and status == "completed":
                 phase = self.plan.phases[index]
-                state = self._enter(state, previous, phase.partition)
+                state = self._anchored(self._enter(state, previous, phase.partition))
                 prefix = self._prefix(phase, state)
                 if prefix is None:
                     state, status = self._phase(phase, state, data, first)
@@ -417,6 +448,7 @@ class _Run:
             self.ckpts.wait()
         best = self.ckpts.best_step() if self.ckpts else None
         last = self.last_eval or (self.evals.rows[-1]["metrics"] if self.evals.rows else {})
+        host = host.replace(anchor=None)
         return FitResult(host, self.history, status, last, self.plan, list(self.evals.rows), best)
 
     def _resolve(self, batch):
@@ -454,6 +486,14 @@ class _Run:
         if self.place.mode == "pmap":
             return self.place.put_state(carry(jax.device_get(self.place.host_state(state))))
         return self.place.build(carry, state)
+
+    def _anchored(self, state):
+        """The state with the regulariser's anchor: w0 from `loaded` (where every run, resumed ones too, starts)
+        for the parameters some phase trains, placed like the params; once per `fit` call."""
+        if self.regularizer is None or state.anchor is not None:
+            return state
+        w0 = regularizers.anchor_for_plan(self.regularizer, self.loaded, self.plan)
+        return state.replace(anchor=place_anchor(w0, self.place))
 
     def _next(self, data, step: int) -> Mapping:
         try:
@@ -497,6 +537,7 @@ class _Run:
             axis_name=axis,
             frozen_batchnorm=self.config.frozen_batchnorm,
             prefix_block=prefix.block if prefix else None,
+            regularizer=self.regularizer,
         )
         step_fn = self.place.compile(factory, state, batch)
         compile_s = step_fn.compile_seconds
@@ -637,5 +678,5 @@ class _Run:
         best = self.config.checkpoint.best_metric
         if best and measured is not None and best not in measured:
             raise ValueError(f"checkpoint best_metric {best!r} is not an eval metric; eval gives {sorted(measured)}")
-        self.ckpts.save(step, host_state, measured if best else None)
+        self.ckpts.save(step, host_state.replace(anchor=None), measured if best else None)  # rebuilt on resume
         self.saved_step = step

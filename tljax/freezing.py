@@ -250,13 +250,12 @@ def linear_probe(loaded, steps: int, lr=1e-3) -> FreezingSchedule:
 
 def lp_ft(loaded, probe_steps: int, ft_steps: int, probe_lr=1e-3, ft_lr=1e-5) -> FreezingSchedule:
     """LP-FT (Kumar et al., 2022): fit the head on frozen features, then fine-tune everything at a small LR."""
-    return FreezingSchedule(
-        (
-            Phase(probe_steps, rules="linear_probe", learning_rate=probe_lr, name="probe"),
-            Phase(ft_steps, rules="full", learning_rate=ft_lr, name="finetune"),
-        ),
-        "lp_ft",
-    )
+    return _then_full("lp_ft", Phase(probe_steps, rules="linear_probe", learning_rate=probe_lr, name="probe"),
+                      ft_steps, ft_lr)  # fmt: skip
+
+
+def _then_full(name: str, first: Phase, ft_steps: int, ft_lr) -> FreezingSchedule:
+    return FreezingSchedule((first, Phase(ft_steps, rules="full", learning_rate=ft_lr, name="finetune")), name)
 
 
 def gradual_unfreeze(loaded, steps_per_stage: int, lr=1e-4, decay: float | None = None) -> FreezingSchedule:
@@ -301,6 +300,17 @@ def bitfit(loaded, steps: int, lr=1e-3) -> FreezingSchedule:
     return FreezingSchedule((Phase(steps, rules="bitfit", learning_rate=lr, name="bitfit"),), "bitfit")
 
 
+def peft(loaded, steps: int, lr=1e-3) -> FreezingSchedule:
+    """Only the PEFT parameters (`tljax.peft.apply`: LoRA, adapters, prompts) and the head train."""
+    return FreezingSchedule((Phase(steps, rules="peft", learning_rate=lr, name="peft"),), "peft")
+
+
+def peft_then_full(loaded, peft_steps: int, ft_steps: int, peft_lr=1e-3, ft_lr=1e-5) -> FreezingSchedule:
+    """The PEFT parameters and head first, then everything (their LP-FT analogue: a good start for full FT)."""
+    return _then_full("peft_then_full", Phase(peft_steps, rules="peft", learning_rate=peft_lr, name="peft"),
+                      ft_steps, ft_lr)  # fmt: skip
+
+
 def llrd(loaded, steps: int, decay: float = 0.65, lr=1e-4) -> FreezingSchedule:
     phase = Phase(steps, rules="llrd", rule_args={"decay": decay}, learning_rate=lr, name="llrd")
     return FreezingSchedule((phase,), "llrd")
@@ -321,6 +331,7 @@ def keras_recipe(loaded, head_steps: int, finetune_steps: int, lr=1e-3, top_n: i
 SCHEDULES: dict[str, Callable[..., FreezingSchedule]] = {
     "full": full, "linear_probe": linear_probe, "lp_ft": lp_ft, "gradual_unfreeze": gradual_unfreeze,
     "chain_thaw": chain_thaw, "surgical": surgical, "bitfit": bitfit, "llrd": llrd, "keras_recipe": keras_recipe,
+    "peft": peft, "peft_then_full": peft_then_full,
 }  # fmt: skip
 
 

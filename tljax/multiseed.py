@@ -26,6 +26,9 @@ Learning rates: `learning_rate_scales=[s_0, ...]` multiplies run k's parameter u
 with every group's learning rate and LR schedule times s_k (an `optimizer=` callable must end the same way); gradient
 clipping acts before and is unchanged. Pass `seeds=[0] * K` for K learning rates on the same data.
 
+A regulariser toward the starting model (`regularizer=`, as `EngineConfig.regularizer`) pulls every run toward the
+same `loaded.params`: its anchor is kept once, like the shared parameters.
+
 A run whose loss turns NaN or inf does not stop the others (a too-large learning rate is a sweep's normal outcome):
 `diverged[k]` is the first step where run k's loss or gradient norm was not finite.
 """
@@ -43,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tljax import evaluation, freezing, parallel, partition, task, tree
+from tljax import evaluation, freezing, parallel, partition, regularizers, task, tree
 from tljax.losses import classification_loss
 from tljax.step import TrainState, make_train_step
 
@@ -103,6 +106,7 @@ def fit_seeds(
     learning_rate_scales: Sequence[float] | None = None,
     accumulate: int = 1,
     frozen_batchnorm: str = "inference",
+    regularizer: Mapping[str, Any] | regularizers.Regularizer | None = None,
 ) -> SeedsResult:
     """Trains `len(seeds)` runs of `schedule` in one vmapped program per phase, on the default device.
 
@@ -113,7 +117,7 @@ def fit_seeds(
       optimizer: keyword arguments of `partition.build` (as `EngineConfig.optimizer`).
       eval_data: `eval_data()` -> eval batches; every run is evaluated on them at every phase end.
       learning_rate_scales: per run, a factor on every learning rate of the schedule (see the module docstring).
-      accumulate, frozen_batchnorm: as in `EngineConfig`.
+      accumulate, frozen_batchnorm, regularizer: as in `EngineConfig`.
 
     Returns:
       a `SeedsResult`: per-run parameters, metrics at every step, per-phase records and evaluations.
@@ -121,19 +125,20 @@ def fit_seeds(
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise ValueError("fit_seeds needs at least one seed")
+    reg = None if regularizer is None else regularizers.resolve(regularizer, loaded)
     scales = _scales(learning_rate_scales, len(seeds))
     streams = [_stream(train_data_for_seed(s)) for s in seeds]
     first = _next_batches(streams, 0)
     plan, classes = _resolve(loaded, schedule, first[0], loss_fn, steps_per_epoch, optimizer or {})
     state, shared = _initial(loaded, seeds)
+    anchor = None if reg is None else regularizers.anchor_for_plan(reg, loaded, plan)  # one copy for all runs
     evaluate = _Evaluator(loaded.model, eval_data, classes) if eval_data is not None else None
     history, rows, previous = [], [], None
     for phase in plan.phases:
         state, shared = _enter(state, shared, previous, phase.partition)
-        step = parallel.StepByShape(
-            _vmapped_step(loaded.model, phase.partition, loss_fn, accumulate, frozen_batchnorm).lower, batch_arg=2
-        )
-        state, record, phase_rows = _train_phase(step, phase, state, shared, scales, streams, first, classes)
+        vmapped = _vmapped_step(loaded.model, phase.partition, loss_fn, accumulate, frozen_batchnorm, reg)
+        step = parallel.StepByShape(vmapped.lower, batch_arg=3)
+        state, record, phase_rows = _train_phase(step, phase, state, (shared, anchor), scales, streams, first, classes)
         if evaluate is not None:
             record.eval = evaluate(state.params, shared, state.collections)
         history.append(record)
@@ -238,36 +243,40 @@ def _scaled(tx: optax.GradientTransformation, scale) -> optax.GradientTransforma
     return optax.GradientTransformation(tx.init, update)
 
 
-def _vmapped_step(model, part: partition.Partition, loss_fn, accumulate: int, frozen_batchnorm: str):
+def _vmapped_step(model, part: partition.Partition, loss_fn, accumulate: int, frozen_batchnorm: str, reg=None):
     """The K runs' step, jitted with their state donated: `make_train_step`'s step of one run on (its state, the
-    shared parameters, its batch, its LR scale), vmapped with the shared parameters unbatched. A run's new state
-    holds its own parameters only: shared ones are never written, so they are never copied K times."""
+    shared parameters, the regulariser's anchor, its batch, its LR scale), vmapped with the shared parameters and
+    the anchor unbatched. A run's new state holds its own parameters only: shared ones are never written, so they
+    are never copied K times."""
 
-    def run_step(state: TrainState, shared: dict, batch, scale):
+    def run_step(state: TrainState, shared: dict, anchor, batch, scale):
         run_part = dataclasses.replace(part, tx=_scaled(part.tx, scale))
-        train_step = make_train_step(model, run_part, loss_fn, accumulate=accumulate, frozen_batchnorm=frozen_batchnorm)
-        new, metrics = train_step(state.replace(params=_merged(state.params, shared)), batch)
+        train_step = make_train_step(
+            model, run_part, loss_fn, accumulate=accumulate, frozen_batchnorm=frozen_batchnorm, regularizer=reg
+        )
+        new, metrics = train_step(state.replace(params=_merged(state.params, shared), anchor=anchor), batch)
         flat = tree.flatten(new.params)
-        return new.replace(params={p: flat[p] for p in state.params}), metrics
+        return new.replace(params={p: flat[p] for p in state.params}, anchor=None), metrics
 
-    return jax.jit(jax.vmap(run_step, in_axes=(0, None, 0, 0)), donate_argnums=0)
+    return jax.jit(jax.vmap(run_step, in_axes=(0, None, None, 0, 0)), donate_argnums=0)
 
 
 def _train_phase(
-    step: parallel.StepByShape, phase: freezing.PlannedPhase, state, shared, scales, streams, first, classes
+    step: parallel.StepByShape, phase: freezing.PlannedPhase, state, fixed, scales, streams, first, classes
 ):
     """Steps [phase.start, phase.stop) of all runs. Metrics are fetched one step behind, as the engine does: the
-    host never waits for the step it just queued, and the queue stays one step deep.
+    host never waits for the step it just queued, and the queue stays one step deep. `fixed`: the step's unbatched
+    inputs (shared parameters, anchor).
 
     Returns the state, the phase's record and one metrics row ({name: (K,) array}) per step."""
     batch = _stacked(first if first is not None else _next_batches(streams, phase.start), phase.start, classes)
-    step.prepare(state, shared, batch, scales)
+    step.prepare(state, *fixed, batch, scales)
     compiled = step.compile_seconds
     t0, pending, rows = time.perf_counter(), None, []
     for s in range(phase.start, phase.stop):
         if s > phase.start:
             batch = _stacked(_next_batches(streams, s), s, classes)
-        state, out = step(state, shared, batch, scales)
+        state, out = step(state, *fixed, batch, scales)
         if pending is not None:
             rows.append(jax.device_get(pending))
         pending = out

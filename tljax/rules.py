@@ -104,6 +104,14 @@ def bitfit(loaded) -> RuleList:
     return _head(loaded) + [(r"bias$", TRAIN), (".*", FROZEN)]
 
 
+def peft(loaded) -> RuleList:
+    """Only the parameters the PEFT methods added (LoRA factors, adapters, prompts) and the head train; the
+    pretrained weights stay frozen, so they cost no gradient work and no optimizer state (`tljax.peft.apply`)."""
+    from tljax.peft import param_regex
+
+    return _head(loaded) + [(param_regex(loaded), TRAIN), (".*", FROZEN)]
+
+
 def norm_only(loaded) -> RuleList:
     """Only normalisation layers' scales and biases (and the head) train."""
     return _head(loaded) + [(r"norm/", TRAIN), (".*", FROZEN)]
@@ -141,6 +149,7 @@ RULE_SETS: dict[str, Callable[..., RuleList]] = {
     "top_k": top_k,
     "surgical": surgical,
     "bitfit": bitfit,
+    "peft": peft,
     "norm_only": norm_only,
     "single": single,
     "embeddings_frozen": embeddings_frozen,

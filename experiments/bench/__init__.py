@@ -9,6 +9,7 @@ in one run.
     python -m experiments.bench probe_cache       # linear probe on cached features vs recomputing the backbone
     python -m experiments.bench vmap_seeds        # 8 seeds of LP-FT as one vmapped program vs 8 engine.fit runs
     python -m experiments.bench prefix_cache      # top-1 / top-3 fine-tuning from cached frozen blocks vs full
+    python -m experiments.bench peft              # memory and step time: full FT vs LoRA vs adapters vs head-only
 
 Each benchmark is a module of this package with `run(quick: bool) -> list[dict]`; its docstring says what it
 measures. `fsdp` runs on 8 fake CPU devices unless XLA_FLAGS already sets a device count (on an accelerator host:
@@ -21,7 +22,7 @@ import argparse
 import importlib
 import os
 
-BENCHMARKS = ("freeze", "schedule", "fsdp", "pipeline", "probe_cache", "vmap_seeds", "prefix_cache")
+BENCHMARKS = ("freeze", "schedule", "fsdp", "pipeline", "probe_cache", "vmap_seeds", "prefix_cache", "peft")
 
 
 def main(argv=None) -> int:

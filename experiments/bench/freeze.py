@@ -1,6 +1,6 @@
-"""`freeze`: what a partition costs. Step time of head-only / top-k / full fine-tuning against a forward pass, the
-same partitions done the naive way (Adam with learning rate 0 on frozen groups), XLA's FLOP count of each compiled
-step, and optimizer-state bytes against trainable bytes."""
+"""`freeze`: what a partition costs. Step time of head-only / top-k / LoRA / full fine-tuning against a forward
+pass, the same partitions done the naive way (Adam with learning rate 0 on frozen groups), XLA's FLOP count of each
+compiled step, and optimizer-state bytes against trainable bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from experiments.bench.common import emit, setup, time_fn
 from tljax import partition as P
-from tljax import rules, task
+from tljax import peft, rules, task
 from tljax.losses import model_inputs
 from tljax.step import init_state, make_train_step
 
@@ -95,6 +95,15 @@ def run(quick: bool) -> list[dict]:
             )
             out.append(emit(f"freeze/{name}", "speedup_over_naive", naive["seconds"] / r["seconds"], **common))
     full = results["full"]
+    lora = peft.apply(loaded, [peft.LoRA(rank=8)])  # query/value of every block; the base frozen
+    results["lora_r8"] = r = _measure_step(lora, rules.peft(lora), batch, reps)
+    out.append(emit("freeze/lora_r8", "step_ms", 1e3 * r["seconds"], flops=r["flops"],
+                    trainable_params=r["trainable_params"], opt_state_bytes=r["opt_bytes"], **common))  # fmt: skip
+    ratio = r["opt_bytes"] / r["trainable_bytes"]
+    out.append(emit("freeze/lora_r8", "opt_state_over_trainable_bytes", ratio, **common))
+    out.append(emit("freeze/lora_r8", "time_over_forward", r["seconds"] / fwd_s, **common))
+    out.append(emit("freeze/lora_r8", "time_over_full", r["seconds"] / full["seconds"],
+                    flop_share=r["flops"] / full["flops"], **common))  # fmt: skip
     out.append(
         emit(
             "freeze/head_only",

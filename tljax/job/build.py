@@ -1,8 +1,9 @@
 """Config -> objects: `build(config)` loads the model, opens the data sources and pipelines, resolves the freezing
 schedule and the `EngineConfig`, without training (tests, notebooks and every mode of `tljax.job.run` start here).
 
-Config sections (experiments/configs/base.py lists every key with its default):
-  model     name (hub id or folder), pooling, head_hidden, head_dropout, reinit, dtype, param_dtype, options
+Config sections (tljax/job/defaults.py lists every key with its default):
+  model     name (hub id or folder), pooling, head_hidden, head_dropout, reinit, dtype, param_dtype, options,
+            config (from scratch), peft (a list of tljax.peft method dicts)
   data      train / validation / test ("source:split"), validation_fraction, train_size, validation_size,
             test_size, kshot, classes, batch_size, eval_batch_size, max_length, buckets, eval_buckets,
             group_by_length, image_size, augment, seed
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 
 import tljax.models as tm
-from tljax import data, engine, freezing
+from tljax import data, engine, freezing, peft
 from tljax.assets import MINILM_HUB_ID, minilm_path
 from tljax.data.records import Split
 from tljax.losses import classification_loss
@@ -214,10 +215,19 @@ def load_model(cfg, num_classes: int, seed: int = 0):
                 "model.config trains a model from scratch: leave model.name and model.reinit empty (or drop "
                 "model.config to load a checkpoint)"
             )
-        return tm.from_config(_plain(cfg.config), seed=seed, **common)
+        return with_peft(tm.from_config(_plain(cfg.config), seed=seed, **common), cfg, seed)
     if not cfg.get("name"):
         raise ValueError("set model.name (a hub id or checkpoint folder) or model.config (an HF config dict)")
-    return tm.load_pretrained(model_folder(cfg.name), reinit=list(cfg.get("reinit") or []), seed=seed, **common)
+    loaded = tm.load_pretrained(model_folder(cfg.name), reinit=list(cfg.get("reinit") or []), seed=seed, **common)
+    return with_peft(loaded, cfg, seed)
+
+
+def with_peft(loaded, cfg, seed: int):
+    """The PEFT methods `model.peft` lists (dicts such as {"method": "lora", "rank": 8}) woven into the model."""
+    methods = _plain(cfg.get("peft") or [])
+    if isinstance(methods, dict):
+        raise ValueError(f"model.peft takes a list of method dicts, got one dict; wrap it: [{methods}]")
+    return peft.apply(loaded, [peft.from_config(m) for m in methods], seed=seed) if methods else loaded
 
 
 def from_scratch(cfg) -> bool:
@@ -248,9 +258,27 @@ def make_engine_config(config, workdir: str | None, steps_per_epoch: int) -> eng
         values["prefix_cache"] = None
     else:
         values["prefix_cache"] = {k: v or None for k, v in values["prefix_cache"].items()}  # "" -> None
+    values["regularizer"] = _regularizer(values.get("regularizer") or {})
     values.update(workdir=workdir, seed=config.seed, steps_per_epoch=steps_per_epoch,
                   optimizer=dict(config.get("optimizer", {})))  # fmt: skip
     return engine.EngineConfig.from_config(values)
+
+
+REGULARIZER_KEYS = {"l2_sp": ("alpha", "beta", "rules"), "delta": ("alpha", "layers", "channel_weights")}
+
+
+def _regularizer(cfg: dict) -> dict | None:
+    """The engine section's regularizer: name "" is off; each name takes its own keys of the shared section (a
+    config file may also give l2_sp `rules` or delta `channel_weights`); `layers` [] means every block."""
+    if not cfg.get("name"):
+        return None
+    keys = REGULARIZER_KEYS.get(cfg["name"], tuple(cfg))  # an unknown name: the library's error names the choices
+    out = {"name": cfg["name"], **{k: v for k, v in cfg.items() if k in keys}}
+    if not out.get("layers"):
+        out.pop("layers", None)
+    if "rules" in out:
+        out.pop("alpha", None), out.pop("beta", None)
+    return out
 
 
 def build(config, workdir: str | None = None) -> Job:

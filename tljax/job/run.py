@@ -17,6 +17,7 @@ import tljax
 import tljax.models as tm
 from tljax import engine, evaluation, prefix_cache, tree
 from tljax.job.build import Job, TextInputs, build
+from tljax.job.defaults import base_config
 
 log = logging.getLogger("tljax")
 
@@ -67,16 +68,37 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
 
 def _finished(workdir: Path, config) -> dict | None:
     if (workdir / CONFIG).is_file():
-        saved = json.loads((workdir / CONFIG).read_text())
-        if saved != resolved(config):
-            changed = sorted(k for k in set(saved) | set(resolved(config)) if saved.get(k) != resolved(config).get(k))
+        changed = config_changes(json.loads((workdir / CONFIG).read_text()), resolved(config))
+        if changed:
             raise ValueError(
-                f"{workdir} holds a run of another config (sections {changed} differ): use a new --workdir, or "
+                f"{workdir} holds a run of another config ({', '.join(changed[:6])} differ): use a new --workdir, or "
                 "delete it to start over"
             )
     if (workdir / RESULTS).is_file():
         return json.loads((workdir / RESULTS).read_text())
     return None
+
+
+def config_changes(saved: Mapping, current: Mapping) -> list[str]:
+    """Dotted keys where `current` differs from a run's saved config. A key the saved config lacks is no change when
+    `current` holds its default (`tljax.job.defaults`): the run predates the key, which was added doing nothing."""
+    old, new, defaults = _flat(saved), _flat(current), _flat(resolved(base_config()))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, _MISSING) != new.get(k, _MISSING)]
+    return [k for k in changed if not (k not in old and k in defaults and new[k] == defaults[k])]
+
+
+_MISSING = object()
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b": leaf}; an empty dict is a leaf (a default like `options = {}`)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _write_config(workdir: Path, config) -> None:

@@ -65,6 +65,7 @@ class BertModel(nn.Module):
     eps: float = 1e-12
     dropout: float = 0.1
     attention_dropout: float = 0.1
+    drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     pad_token_id: int = 0
     roberta_positions: bool = False  # RoBERTa counts positions from pad_token_id + 1, skipping padding
     add_pooling_layer: bool = True
@@ -100,6 +101,7 @@ class BertModel(nn.Module):
             eps=self.eps,
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
+            drop_path_rate=self.drop_path_rate,
             **kw,
         )
         x = encoder(x, layers.padding_mask(attention_mask), train=train)
@@ -125,12 +127,24 @@ class BertModel(nn.Module):
 
 
 def build(
-    hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(), add_pooling_layer: bool | None = None
+    hf_config,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    checkpoint_keys=(),
+    add_pooling_layer: bool | None = None,
+    drop_path_rate: float = 0.0,
+    dropout: float | None = None,
+    attention_dropout: float | None = None,
 ) -> BertModel:
     """The linen module for an HF `BertConfig`/`RobertaConfig`.
 
     Args:
       add_pooling_layer: None means "if the checkpoint has pooler weights".
+      drop_path_rate: stochastic depth (per-example residual-branch drop in training), linear over layers from 0 to
+        this rate at the last (`layers.encoder`); 0 leaves the model as HF's.
+      dropout, attention_dropout: override `hidden_dropout_prob` / `attention_probs_dropout_prob` (None keeps the
+        config's); the config itself is not changed.
     """
     c = hf_config
     layers.check_transformer_config(c)
@@ -148,8 +162,9 @@ def build(
         type_vocab_size=c.type_vocab_size,
         act=c.hidden_act,
         eps=c.layer_norm_eps,
-        dropout=c.hidden_dropout_prob,
-        attention_dropout=c.attention_probs_dropout_prob,
+        dropout=layers.rate_option(dropout, c.hidden_dropout_prob, "dropout"),
+        attention_dropout=layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout"),
+        drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
         pad_token_id=c.pad_token_id or 0,
         roberta_positions=c.model_type == "roberta",
         add_pooling_layer=add_pooling_layer,

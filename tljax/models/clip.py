@@ -42,7 +42,9 @@ def _encoder(tower, train: bool, x, mask=None):
         tower.act,
         pre_norm=True,
         eps=tower.eps,
+        dropout=tower.dropout,
         attention_dropout=tower.attention_dropout,
+        drop_path_rate=tower.drop_path_rate,
         dtype=tower.dtype,
         param_dtype=tower.param_dtype,
     )
@@ -108,6 +110,8 @@ class VisionTower(nn.Module):
     act: str = "quick_gelu"
     eps: float = 1e-5
     attention_dropout: float = 0.0
+    dropout: float = 0.0  # on the residual branches; HF's CLIP has none
+    drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -157,6 +161,8 @@ class TextTower(nn.Module):
     act: str = "quick_gelu"
     eps: float = 1e-5
     attention_dropout: float = 0.0
+    dropout: float = 0.0  # on the residual branches; HF's CLIP has none
+    drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -316,7 +322,8 @@ def _square(value, name: str) -> int:
     raise ValueError(f"{name}={value!r} is not supported (square sizes only)")
 
 
-def _tower_options(c) -> dict:
+def _tower_options(c, dropout=None, attention_dropout=None, drop_path_rate: float = 0.0) -> dict:
+    """A tower's fields from its config and the `build` options (see `build`)."""
     return dict(
         width=c.hidden_size,
         num_layers=c.num_hidden_layers,
@@ -324,22 +331,24 @@ def _tower_options(c) -> dict:
         mlp_dim=c.intermediate_size,
         act=c.hidden_act,
         eps=c.layer_norm_eps,
-        attention_dropout=c.attention_dropout or 0.0,
+        attention_dropout=layers.rate_option(attention_dropout, c.attention_dropout, "attention_dropout"),
+        dropout=layers.rate_option(dropout, 0.0, "dropout"),  # not c.dropout: transformers' CLIP never applies it
+        drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
     )
 
 
-def _vision_tower(c, **kw) -> VisionTower:
+def _vision_tower(c, rates: dict, **kw) -> VisionTower:
     layers.check_transformer_config(c, "vision_config")
     return VisionTower(
         image_size=_square(c.image_size, "image_size"),
         patch_size=_square(c.patch_size, "patch_size"),
         num_channels=c.num_channels,
-        **_tower_options(c),
+        **_tower_options(c, **rates),
         **kw,
     )
 
 
-def _text_tower(c, **kw) -> TextTower:
+def _text_tower(c, rates: dict, **kw) -> TextTower:
     layers.check_transformer_config(c, "text_config")
     if not isinstance(c.eos_token_id, int):
         raise ValueError(
@@ -350,13 +359,21 @@ def _text_tower(c, **kw) -> TextTower:
         vocab_size=c.vocab_size,
         max_positions=c.max_position_embeddings,
         eos_token_id=c.eos_token_id,
-        **_tower_options(c),
+        **_tower_options(c, **rates),
         **kw,
     )
 
 
 def build(
-    hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(), image_size: int | None = None
+    hf_config,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    checkpoint_keys=(),
+    image_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    dropout: float | None = None,
+    attention_dropout: float | None = None,
 ) -> CLIPModel:
     """The linen module for an HF `CLIPConfig` (both towers) or `CLIPVisionConfig` (vision tower alone).
 
@@ -367,15 +384,21 @@ def build(
       image_size: fine-tuning resolution of the vision tower (e.g. 336 for a 224 checkpoint); `adapt` resamples
         the position table like ViT's, and the vision config's `image_size` is set in place so `dummy_inputs` and
         `save_pretrained` describe the model that was built.
+      drop_path_rate: stochastic depth (per-example residual-branch drop in training) of both towers, each linear
+        over its own layers from 0 to this rate at the last (`layers.encoder`); 0 leaves the model as HF's.
+      dropout: dropout on both towers' residual branches (attention and MLP outputs). None means none, as in
+        transformers' CLIP, which never applies its configs' `dropout` field.
+      attention_dropout: overrides both towers' `attention_dropout` (None keeps each tower config's).
     """
     if image_size is not None:
         _vision_config(hf_config).image_size = _square(image_size, "image_size")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    vision = _vision_tower(_vision_config(hf_config), **kw)
+    rates = dict(dropout=dropout, attention_dropout=attention_dropout, drop_path_rate=drop_path_rate)
+    vision = _vision_tower(_vision_config(hf_config), rates, **kw)
     if hf_config.model_type == "clip":
         return CLIPModel(
             vision,
-            _text_tower(hf_config.text_config, **kw),
+            _text_tower(hf_config.text_config, rates, **kw),
             hf_config.projection_dim,
             hf_config.logit_scale_init_value,
             **kw,

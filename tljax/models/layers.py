@@ -3,11 +3,15 @@
 Submodule names are part of the public parameter paths (`encoder/layer_3/attention/query/kernel`,
 `encoder/layer_3/mlp/fc1/bias`, `encoder/layer_3/attention_norm/scale`), which partition rules match.
 Every LayerNorm's name ends in `norm` so one regex (`norm/`) finds them all.
+
+Regularisation options shared by the families' `build`: `dropout` / `attention_dropout` (None keeps the HF config's
+rates) and `drop_path_rate` (stochastic depth; `DropPath`, `linear_rates`).
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -39,6 +43,45 @@ def activation(name: str) -> Callable:
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def check_rate(value, name: str) -> float:
+    """A drop probability as a float; outside [0, 1) is an error (1 would drop everything and divide by zero)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+def rate_option(value, default, name: str) -> float:
+    """A `build` option overriding a config's dropout rate: None keeps `default` (the config's), a float replaces it."""
+    return float(default or 0.0) if value is None else check_rate(value, name)
+
+
+def linear_rates(rate: float, n: int) -> tuple[float, ...]:
+    """Stochastic-depth rates of n stacked blocks by timm's linear rule: block i gets `rate * i / (n - 1)`, so the
+    first gets 0 and the last exactly `rate` (a single block gets 0, as timm's `linspace(0, rate, 1)`)."""
+    return tuple(rate * (i / (n - 1)) if n > 1 else 0.0 for i in range(n))
+
+
+def drop_path(x, rate: float, rng):
+    """Stochastic depth (Huang et al. 2016): zeroes each example (index along axis 0) with probability `rate` and
+    scales the kept ones by 1 / (1 - rate), so the expected output is `x`. Apply it to a residual branch."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    # A product, not x / (1 - rate): XLA rewrites that into this product anyway, so the scale is one exact value.
+    return jnp.where(keep, x * (1.0 / (1.0 - rate)), jnp.zeros_like(x))
+
+
+class DropPath(nn.Module):
+    """`drop_path` with the "dropout" RNG stream (timm's `DropPath`, big_vision's droplayer); the identity in
+    inference (`deterministic=True`) or at rate 0, where it draws no randomness."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        return drop_path(x, self.rate, self.make_rng("dropout"))
 
 
 class Attention(nn.Module):
@@ -101,7 +144,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """A transformer encoder layer, post-norm (BERT) or pre-norm (ViT, CLIP)."""
+    """A transformer encoder layer, post-norm (BERT) or pre-norm (ViT, CLIP).
+
+    `drop_path` drops each residual branch (attention, MLP) per example in training (`DropPath`).
+    """
 
     num_heads: int
     mlp_dim: int
@@ -110,6 +156,7 @@ class Block(nn.Module):
     eps: float = 1e-12
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -117,7 +164,8 @@ class Block(nn.Module):
     def __call__(self, x, mask=None, *, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: nn.LayerNorm(epsilon=self.eps, name=name, **kw)
-        drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+        det = not train
+        drop = lambda y: DropPath(self.drop_path)(nn.Dropout(self.dropout)(y, deterministic=det), deterministic=det)
         attn = Attention(self.num_heads, self.attention_dropout, name="attention", **kw)
         mlp = Mlp(self.mlp_dim, self.act, name="mlp", **kw)
         if self.pre_norm:
@@ -128,15 +176,17 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """A stack of `Block`s named `layer_0 ... layer_{n-1}`."""
+    """A stack of `Block`s named `layer_0 ... layer_{n-1}`; block i drops paths at `linear_rates(...)[i]`."""
 
     num_layers: int
     block: Callable[..., Block]
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, mask=None, *, train: bool = False):
+        rates = linear_rates(self.drop_path_rate, self.num_layers)
         for i in range(self.num_layers):
-            x = self.block(name=f"layer_{i}")(x, mask, train=train)
+            x = self.block(name=f"layer_{i}", drop_path=rates[i])(x, mask, train=train)
         return x
 
 
@@ -150,11 +200,17 @@ def encoder(
     eps: float,
     dropout: float = 0.0,
     attention_dropout: float = 0.0,
+    drop_path_rate: float = 0.0,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> Encoder:
     """The family encoders (BERT post-norm, ViT and CLIP pre-norm) as one `Encoder` named "encoder"; call it inside
-    a compact `__call__` as `encoder(...)(x, mask, train=train)`."""
+    a compact `__call__` as `encoder(...)(x, mask, train=train)`.
+
+    Args:
+      drop_path_rate: stochastic depth of the deepest layer; layer i drops its residual branches with probability
+        `drop_path_rate * i / (num_layers - 1)` (timm's linear rule: layer 0 never, the last at the full rate).
+    """
     block = functools.partial(
         Block,
         num_heads,
@@ -167,7 +223,7 @@ def encoder(
         dtype=dtype,
         param_dtype=param_dtype,
     )
-    return Encoder(num_layers, block, name="encoder")
+    return Encoder(num_layers, block, drop_path_rate, name="encoder")
 
 
 class Pooler(nn.Module):

@@ -141,7 +141,12 @@ def load_pretrained(
         print(report)
     variables = tree.unflatten(variables)
     params = variables.pop("params")
-    return Pretrained(model, params, variables, report, hf_config, fam)
+    loaded = Pretrained(model, params, variables, report, hf_config, fam)
+    from tljax.peft import export as peft_export  # tljax.peft builds on this module
+
+    if (folder / peft_export.CONFIG_FILE).is_file():  # adapters / prompts saved beside the base weights
+        loaded = peft_export.attach(loaded, folder)
+    return loaded
 
 
 def _hf_config(folder: Path):
@@ -285,6 +290,7 @@ def save_pretrained(
     state: Mapping | None = None,
     label_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    merge: bool = True,
 ) -> Path:
     """Writes the model as an HF folder (config.json + model.safetensors with HF key names) that
     `load_pretrained(folder)` turns back into the same model, head included.
@@ -300,8 +306,19 @@ def save_pretrained(
       loaded: the `Pretrained` that `load_pretrained` returned (gives family, config and structure).
       params, state: fine-tuned values to save instead of `loaded.params` / `loaded.state`.
       label_names: class names, written as config.json `id2label` / `label2id`.
+      merge: a PEFT model (`tljax.peft.apply`) has its LoRA factors folded into the base kernels (transformers then
+        loads the folder); adapters and prompts, which no kernel can absorb, and LoRA with `merge=False` are written
+        beside the base weights (`tljax_peft.*`), which `load_pretrained` reads back (transformers ignores them).
     """
     from safetensors.numpy import save_file
+
+    from tljax.peft import core as peft_core
+    from tljax.peft import export as peft_export
+
+    unmerged = ((), {})
+    if peft_core.methods_of(loaded):
+        loaded, *unmerged = peft_export.split(loaded, params, merge)
+        params = loaded.params
 
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -320,6 +337,8 @@ def save_pretrained(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if head_file:
             save_file(head_file, str(tmp / head_io.HEAD_FILE), metadata={"format": "flax"})
+        if unmerged[0]:
+            peft_export.write(tmp, *unmerged)
         _replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,10 @@ BatchNorm modes:
   (`tljax.models.batchnorm.running_average`; `frozen_batchnorm="train"` in the engine config turns it off).
 - `freeze_bn_stats=True` (build option): running statistics always, also under `train=True` (the usual choice when
   fine-tuning with small batches); `mutable` is then not needed.
+
+`drop_path_rate` (build option, timm's ResNet option of that name): under `train=True` each block's residual branch
+is dropped per example (`layers.DropPath`, "dropout" RNG stream), linearly from 0 at the first block to the rate at
+the last, counted over all stages. HF's ResNet has no stochastic depth, so 0 (the default) keeps parity.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class Block(nn.Module):
     """A residual block ("basic": 3x3, 3x3; "bottleneck": 1x1, 3x3, 1x1), projected shortcut when shapes change.
 
     As in HF, the convolutions inside the block always use relu; `act` (config.hidden_act) is applied after the sum.
+    In training the branch (not the shortcut) is dropped per example with probability `drop_path`, as in timm.
     """
 
     features: int
@@ -89,11 +94,12 @@ class Block(nn.Module):
     layer_type: str = "bottleneck"
     downsample_in_bottleneck: bool = False
     act: str = "relu"
+    drop_path: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, use_running_average: bool):
+    def __call__(self, x, *, use_running_average: bool, train: bool = False):
         unit = lambda f, k, s, act, name: ConvNorm(
             f, k, s, act, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
@@ -104,6 +110,7 @@ class Block(nn.Module):
             x = unit(features, kernel, stride, jax.nn.relu if relu else None, f"conv_{k}")(
                 x, use_running_average=use_running_average
             )
+        x = layers.DropPath(self.drop_path)(x, deterministic=not train)
         return layers.activation(self.act)(x + residual)
 
     def _convs(self) -> list[tuple[int, int, int, bool]]:
@@ -116,18 +123,20 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    """`depth` blocks named `block_0 ...`; only the first one strides."""
+    """`depth` blocks named `block_0 ...`; only the first one strides; block b drops paths at `drop_paths[b]`."""
 
     features: int
     depth: int
     stride: int
     block: Callable[..., Block]
+    drop_paths: Sequence[float]  # one rate per block
 
     @nn.compact
-    def __call__(self, x, *, use_running_average: bool):
+    def __call__(self, x, *, use_running_average: bool, train: bool = False):
         for b in range(self.depth):
-            x = self.block(self.features, self.stride if b == 0 else 1, name=f"block_{b}")(
-                x, use_running_average=use_running_average
+            rate = self.drop_paths[b]
+            x = self.block(self.features, self.stride if b == 0 else 1, name=f"block_{b}", drop_path=rate)(
+                x, use_running_average=use_running_average, train=train
             )
         return x
 
@@ -144,6 +153,7 @@ class ResNetModel(nn.Module):
     downsample_in_first_stage: bool = False
     downsample_in_bottleneck: bool = False
     freeze_bn_stats: bool = False
+    drop_path_rate: float = 0.0  # stochastic depth of the last block (linear over all blocks)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -161,23 +171,34 @@ class ResNetModel(nn.Module):
             x, use_running_average=running
         )
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf, like torch
-        block = lambda features, stride, name: Block(
-            features, stride, self.layer_type, self.downsample_in_bottleneck, self.act, name=name, **kw
+        block = lambda features, stride, name, drop_path: Block(
+            features, stride, self.layer_type, self.downsample_in_bottleneck, self.act, drop_path, name=name, **kw
         )
+        rates = layers.linear_rates(self.drop_path_rate, sum(self.depths))
         for s, (features, depth) in enumerate(zip(self.hidden_sizes, self.depths, strict=True)):
             stride = 2 if s > 0 or self.downsample_in_first_stage else 1
-            x = Stage(features, depth, stride, block, name=f"stage_{s}")(x, use_running_average=running)
+            first = sum(self.depths[:s])
+            stage = Stage(features, depth, stride, block, rates[first : first + depth], name=f"stage_{s}")
+            x = stage(x, use_running_average=running, train=train)
         return {"last_hidden_state": x, "pooler_output": x.mean(axis=(1, 2))}
 
 
 def build(
-    hf_config, *, dtype=jnp.float32, param_dtype=jnp.float32, checkpoint_keys=(), freeze_bn_stats: bool = False
+    hf_config,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    checkpoint_keys=(),
+    freeze_bn_stats: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> ResNetModel:
     """The linen module for an HF `ResNetConfig`.
 
     Args:
       freeze_bn_stats: BatchNorm always normalises with the running statistics and never updates them, also under
-        `train=True` (dropout in a head still trains).
+        `train=True` (dropout in a head and drop path still train).
+      drop_path_rate: stochastic depth: block i of n (over all stages) drops its residual branch per example in
+        training with probability `drop_path_rate * i / (n - 1)` (timm's linear rule); 0 leaves the model as HF's.
     """
     c = hf_config
     if c.layer_type not in LAYER_TYPES:
@@ -195,6 +216,7 @@ def build(
         downsample_in_first_stage=c.downsample_in_first_stage,
         downsample_in_bottleneck=c.downsample_in_bottleneck,
         freeze_bn_stats=freeze_bn_stats,
+        drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
         dtype=dtype,
         param_dtype=param_dtype,
     )

@@ -143,6 +143,7 @@ class ViTModel(nn.Module):
     eps: float = 1e-12
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     init_std: float = 0.02
     add_pooling_layer: bool = True
     pooler_size: int | None = None  # None: hidden_size
@@ -172,6 +173,7 @@ class ViTModel(nn.Module):
             eps=self.eps,
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
+            drop_path_rate=self.drop_path_rate,
             **kw,
         )
         x = encoder(x, train=train)
@@ -199,6 +201,9 @@ def build(
     checkpoint_keys=(),
     add_pooling_layer: bool | None = None,
     image_size: int | tuple[int, int] | None = None,
+    drop_path_rate: float = 0.0,
+    dropout: float | None = None,
+    attention_dropout: float | None = None,
 ) -> ViTModel:
     """The linen module for an HF `ViTConfig`.
 
@@ -208,6 +213,10 @@ def build(
         gives the model a position table for the new patch grid, which `adapt` fills by resampling the
         checkpoint's. It also sets `hf_config.image_size` (in place) so that `dummy_inputs` and `save_pretrained`
         describe the model that was built.
+      drop_path_rate: stochastic depth (per-example residual-branch drop in training), linear over layers from 0 to
+        this rate at the last (`layers.encoder`); 0 leaves the model as HF's.
+      dropout, attention_dropout: override `hidden_dropout_prob` / `attention_probs_dropout_prob` (None keeps the
+        config's); the config itself is not changed.
     """
     c = hf_config
     _check_supported(c)
@@ -225,8 +234,9 @@ def build(
         num_channels=c.num_channels,
         act=c.hidden_act,
         eps=c.layer_norm_eps,
-        dropout=c.hidden_dropout_prob,
-        attention_dropout=c.attention_probs_dropout_prob,
+        dropout=layers.rate_option(dropout, c.hidden_dropout_prob, "dropout"),
+        attention_dropout=layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout"),
+        drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
         init_std=c.initializer_range,
         add_pooling_layer=add_pooling_layer,
         pooler_size=getattr(c, "pooler_output_size", None),

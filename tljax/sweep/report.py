@@ -143,10 +143,10 @@ def read_run(point: Point, folder: Path, expected: dict | None = None) -> Run:
     if results is None:
         return Run(point, folder, None, last_line(error.read_text()) if error.is_file() else "")
     saved = read_json(folder / job.CONFIG)
-    if expected is None or saved is None or saved == expected:
+    changed = [] if expected is None or saved is None else job.config_changes(saved, expected)
+    if not changed:
         return Run(point, folder, results, "")
-    changed = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
-    why = f"finished with another config (sections {changed} differ): delete its folder to run it again"
+    why = f"finished with another config ({', '.join(changed[:6])} differ): delete its folder to run it again"
     return Run(point, folder, results, why, stale=True)
 
 

@@ -1,0 +1,103 @@
+"""`peft`: memory and step time of full fine-tuning vs LoRA vs adapters vs head-only on the same model.
+
+Each variant runs in its own process: load the model, weave the method in, compile the jitted train step, then (peak
+RSS reset, so compilation is not counted) build the train state and run the step. Memory is reported three ways: the
+process's peak RSS while training (on a GPU: the device's `peak_bytes_in_use`), its growth over the RSS before the
+state was built (what training adds), and XLA's account of the compiled step (arguments + outputs not aliased +
+temporaries: parameters, optimizer state, gradients and activations). `lora_over_full_memory` and
+`lora_over_full_step` are LoRA's ratios to full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench.common import emit, setup, time_fn
+
+VARIANTS = {
+    "full": ([], "full"),
+    "lora_r8": ([{"method": "lora", "rank": 8, "alpha": 16}], "peft"),
+    "adapter_64": ([{"method": "adapter", "size": 64}], "peft"),
+    "head_only": ([], "linear_probe"),
+}
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Linux: restart the VmHWM high-water mark, so compilation's own memory is not counted as training's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(variant: str, quick: bool) -> dict:
+    """One variant in this process: its step time and memory."""
+    from tljax import partition, peft, rules, task
+    from tljax.step import init_state, make_train_step
+
+    methods, rule_set = VARIANTS[variant]
+    loaded, batch, common = setup(quick)
+    if methods:
+        loaded = peft.apply(loaded, [peft.from_config(m) for m in methods])
+    unused = task.unused_params(loaded.model, loaded.params, batch)
+    part = partition.build(loaded.params, rules.get(rule_set, loaded), learning_rate=1e-4, unused=unused)
+    step = jax.jit(make_train_step(loaded.model, part), donate_argnums=0)
+    fresh = lambda: init_state(jax.tree.map(jnp.copy, loaded.params), part.tx)  # the step donates its state
+    compiled = step.lower(jax.eval_shape(fresh), batch).compile()
+    jax.block_until_ready(loaded.params)
+    _reset_peak_rss()
+    base_rss = _status_mb("VmRSS")  # the process with the model loaded and the step compiled
+    state = fresh()
+    mem = compiled.memory_analysis()
+    xla_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics["loss"]
+
+    seconds = time_fn(run, reps=3 if quick else 5)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    peak_rss = _status_mb("VmHWM")  # since the reset: state, steps, activations
+    return {
+        "variant": variant, "step_ms": 1e3 * seconds, "trainable_params": part.count(True),
+        "peak_mb": stats["peak_bytes_in_use"] / 2**20 if stats else peak_rss, "peak_kind": "device" if stats else "rss",
+        "train_mb": (stats["peak_bytes_in_use"] / 2**20) if stats else peak_rss - base_rss,
+        "xla_step_mb": xla_bytes / 2**20, "opt_state_mb": partition.state_nbytes(holder["state"].opt_state) / 2**20,
+        **common,
+    }  # fmt: skip
+
+
+def run(quick: bool) -> list[dict]:
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, "-m", "experiments.bench.peft", variant] + (["--quick"] if quick else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+        results[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = []
+    for variant, r in results.items():
+        extra = {k: r[k] for k in ("model", "batch", "seq", "device", "trainable_params", "peak_kind")}
+        for metric in ("step_ms", "peak_mb", "train_mb", "xla_step_mb", "opt_state_mb"):
+            rows.append(emit(f"peft/{variant}", metric, round(r[metric], 3), **extra))
+    full, lora = results["full"], results["lora_r8"]
+    common = {k: full[k] for k in ("model", "batch", "seq", "device")}
+    ratios = {"train_ratio": lora["train_mb"] / full["train_mb"],
+              "xla_ratio": lora["xla_step_mb"] / full["xla_step_mb"]}  # fmt: skip
+    memory = lora["peak_mb"] / full["peak_mb"]
+    rows.append(emit("peft/lora_r8", "lora_over_full_memory", memory, target="<= 0.7", **ratios, **common))
+    rows.append(emit("peft/lora_r8", "lora_over_full_step", lora["step_ms"] / full["step_ms"], **common))
+    return rows
+
+
+if __name__ == "__main__":  # one variant, in its own process (run() starts these)
+    print(json.dumps(measure(sys.argv[1], "--quick" in sys.argv)))
