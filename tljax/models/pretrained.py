@@ -196,7 +196,7 @@ def _merge(model, fam, hf_config, state_dict, head, source, reinit_res, ignore_r
     _check_patterns_used("ignore", ignore_res, state_dict)
     _check_patterns_used("reinit", reinit_res, [_collection_free(p) for p in shapes])
     out = {p: jnp.asarray(converted[p], dtype=shapes[p].dtype) for p in shapes if p not in to_init}
-    out.update(_init_only(model, dummy, rngs, to_init))
+    out.update(init_only(model, dummy, rngs, to_init))
     report.loaded = sorted(p for p in out if p not in to_init)
     report.reinitialized = sorted(to_init)
     return out, report
@@ -274,7 +274,7 @@ def _to_reinit(shapes, converted, src, reinit_res, prefix, has_head: bool) -> li
     return to_init
 
 
-def _init_only(model, dummy, rngs, paths: list[str]) -> dict[str, jax.Array]:
+def init_only(model, dummy, rngs, paths: list[str]) -> dict[str, jax.Array]:
     """Fresh initial values of only `paths`: under jit, XLA drops the initialisers of everything else."""
     if not paths:
         return {}

@@ -174,13 +174,14 @@ def apply(loaded, methods: Sequence[Method], seed: int = 0):
     shapes = {p: np.shape(v) for p, v in tree.flatten(loaded.params).items()}
     methods = tuple(dataclasses.replace(m, modules=m.resolve(shapes, loaded.family)) for m in methods)
     model = with_backbone(loaded.model, Peft(backbone(loaded.model), methods))
+    from tljax.models.pretrained import init_only
+
     dummy = loaded.family.dummy_inputs(loaded.hf_config)
     base = tree.flatten(loaded.params)
-    shapes = tree.flatten(jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy)["params"]))
-    added = sorted(set(shapes) - set(base))
-    # only the new leaves leave the jitted init: XLA drops the initialisers of the (large) base
-    init = jax.jit(lambda k: {p: v for p, v in tree.flatten(model.init(k, **dummy)["params"]).items() if p in added})
-    new = init(jax.random.key(seed))
+    woven = tree.flatten(jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy)["params"]))
+    added = [f"params/{p}" for p in sorted(set(woven) - set(base))]
+    fresh = init_only(model, dummy, {"params": jax.random.key(seed)}, added)
+    new = {p.removeprefix("params/"): v for p, v in fresh.items()}
     key = jax.random.key(seed + 1)
     for i, m in enumerate(methods):
         mine = {p: v for p, v in new.items() if p.rsplit("/", 1)[-1] in m.PARAMS}
