@@ -202,6 +202,15 @@ def test_a_run_older_than_a_new_key_at_its_default_is_not_stale():
     assert "model.options.image_size" in job.config_changes(saved, current)
 
 
+def test_a_run_under_another_label_is_the_same_run():
+    """The top-level name is a label: the PEFT sweep reads the schedule ablation's BitFit / LP-FT / full runs."""
+    current = job.resolved(base_config())
+    saved = {**json.loads(json.dumps(current)), "name": "schedule_ablation"}
+    assert job.config_changes(saved, {**current, "name": "peft_methods"}) == []
+    saved["model"]["name"] = "other"
+    assert job.config_changes(saved, current) == ["model.name"]
+
+
 @pytest.fixture
 def logging_restored():
     """The entry point sets up logging for a command line (tljax INFO to stderr, absl at WARNING): undone after."""

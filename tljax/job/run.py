@@ -81,13 +81,16 @@ def _finished(workdir: Path, config) -> dict | None:
 
 def config_changes(saved: Mapping, current: Mapping) -> list[str]:
     """Dotted keys where `current` differs from a run's saved config. A key the saved config lacks is no change when
-    `current` holds its default (`tljax.job.defaults`): the run predates the key, which was added doing nothing."""
+    `current` holds its default (`tljax.job.defaults`): the run predates the key, which was added doing nothing. The
+    top-level `name` is a label, not a setting: a finished run read into another sweep under its name is the same run."""
     old, new, defaults = _flat(saved), _flat(current), _flat(resolved(base_config()))
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, _MISSING) != new.get(k, _MISSING)]
+    keys = sorted((set(old) | set(new)) - LABELS)
+    changed = [k for k in keys if old.get(k, _MISSING) != new.get(k, _MISSING)]
     return [k for k in changed if not (k not in old and k in defaults and new[k] == defaults[k])]
 
 
 _MISSING = object()
+LABELS = {"name"}  # config keys that change no result
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
