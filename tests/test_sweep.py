@@ -82,11 +82,13 @@ def test_a_sweep_writes_csv_summary_and_plots(swept):
     rows = read_csv(workdir)
     assert list(rows[0]) == [
         "point", "schedule", "seed", "status", "metric", "test_accuracy", "test_accuracy_by_phase.probe",
-        "test_accuracy_by_phase.full", "best_validation", "wall_seconds", "trainable_params", "run_dir", "error",
+        "test_accuracy_by_phase.full", "best_validation", "wall_seconds", "train_examples_per_second",
+        "trainable_params", "run_dir", "error",
     ]  # fmt: skip
     assert [r["point"] for r in rows] == POINTS and [r["seed"] for r in rows] == ["0", "1", "0", "1"]
     assert all(r["status"] == "completed" and r["metric"] == r["test_accuracy"] for r in rows)
     assert all(0 <= float(r["test_accuracy"]) <= 1 and float(r["wall_seconds"]) > 0 for r in rows)
+    assert all(float(r["train_examples_per_second"]) > 0 for r in rows)
     probe, full = rows[0], rows[2]
     assert probe["test_accuracy_by_phase.probe"] == probe["test_accuracy"]
     assert probe["test_accuracy_by_phase.full"] == "" and full["test_accuracy_by_phase.probe"] == ""
@@ -97,11 +99,13 @@ def test_a_sweep_writes_csv_summary_and_plots(swept):
     summary = (workdir / "summary.md").read_text()
     assert summary == result.report.summary
     cells = table(summary)
-    assert [c[0].strip("*") for c in cells] == ["linear_probe", "full"] and len(cells[0]) == 5
+    assert [c[0].strip("*") for c in cells] == ["linear_probe", "full"] and len(cells[0]) == 6
     for name, row in zip(["linear_probe", "full"], cells, strict=True):
         scores = [float(r["metric"]) for r in rows if r["schedule"] == name]
         assert row[1].strip("*") == f"{statistics.mean(scores):.4f} ± {statistics.stdev(scores):.4f}"
         assert row[2].strip("*") == "2"
+        speeds = [float(r["train_examples_per_second"]) for r in rows if r["schedule"] == name]
+        assert row[4].strip("*") == f"{statistics.mean(speeds):.1f}"
     best = max(cells, key=lambda c: float(c[1].strip("*").split(" ± ")[0]))
     assert all(c.startswith("**") for c in best) and sum(c[0].startswith("**") for c in cells) == 1
     assert "## Failed runs\n\nnone" in summary
@@ -327,9 +331,9 @@ def test_report_from_the_run_folders_alone(tmp_path):
                                                      ("schedule.args.top_n=4", 2)]  # fmt: skip
     assert rep.best.name == "schedule.args.top_n=4" and rep.failed == ["schedule.args.top_n=4,seed=2"]
     assert table(rep.summary) == [
-        ["1", "0.6500 ± 0.0707", "2 of 3", "65", "2"],
-        ["2", "0.8000 ± 0.1000", "3", "80", "2"],
-        ["**4**", "**0.8750 ± 0.0354**", "**2 of 3**", "**88**", "**2**"],
+        ["1", "0.6500 ± 0.0707", "2 of 3", "65", "", "2"],  # no train_examples_per_second in these results
+        ["2", "0.8000 ± 0.1000", "3", "80", "", "2"],
+        ["**4**", "**0.8750 ± 0.0354**", "**2 of 3**", "**88**", "", "**2**"],
     ]
     assert "Not finished (1): `schedule.args.top_n=1,seed=2`" in rep.summary
     assert "- `schedule.args.top_n=4,seed=2`: ValueError: bad" in rep.summary

@@ -5,7 +5,9 @@ RSS reset, so compilation is not counted) build the train state and run the step
 process's peak RSS while training (on a GPU: the device's `peak_bytes_in_use`), its growth over the RSS before the
 state was built (what training adds), and XLA's account of the compiled step (arguments + outputs not aliased +
 temporaries: parameters, optimizer state, gradients and activations). `lora_over_full_memory` and
-`lora_over_full_step` are LoRA's ratios to full fine-tuning.
+`lora_over_full_step` are LoRA's ratios to full fine-tuning; `..._remat` the same with gradient checkpointing of every
+block (`remat="block"` on both sides): activations kept for the backward pass dominate both at 32 x 128, and LoRA
+saves only what full fine-tuning spends on gradients and optimizer state unless they are recomputed.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import jax.numpy as jnp
 
 from experiments.bench.common import emit, setup, time_fn
 
-VARIANTS = {
-    "full": ([], "full"),
-    "lora_r8": ([{"method": "lora", "rank": 8, "alpha": 16}], "peft"),
-    "adapter_64": ([{"method": "adapter", "size": 64}], "peft"),
-    "head_only": ([], "linear_probe"),
+LORA = [{"method": "lora", "rank": 8, "alpha": 16}]
+VARIANTS = {  # name: (PEFT methods, rule set, remat policy)
+    "full": ([], "full", "none"),
+    "lora_r8": (LORA, "peft", "none"),
+    "adapter_64": ([{"method": "adapter", "size": 64}], "peft", "none"),
+    "head_only": ([], "linear_probe", "none"),
+    "full_remat": ([], "full", "block"),
+    "lora_r8_remat": (LORA, "peft", "block"),
 }
 
 
@@ -44,8 +49,8 @@ def measure(variant: str, quick: bool) -> dict:
     from tljax import partition, peft, rules, task
     from tljax.step import init_state, make_train_step
 
-    methods, rule_set = VARIANTS[variant]
-    loaded, batch, common = setup(quick)
+    methods, rule_set, remat = VARIANTS[variant]
+    loaded, batch, common = setup(quick, remat=remat)
     if methods:
         loaded = peft.apply(loaded, [peft.from_config(m) for m in methods])
     unused = task.unused_params(loaded.model, loaded.params, batch)
@@ -70,7 +75,7 @@ def measure(variant: str, quick: bool) -> dict:
     stats = device.memory_stats() if device.platform != "cpu" else None
     peak_rss = _status_mb("VmHWM")  # since the reset: state, steps, activations
     return {
-        "variant": variant, "step_ms": 1e3 * seconds, "trainable_params": part.count(True),
+        "variant": variant, "remat": remat, "step_ms": 1e3 * seconds, "trainable_params": part.count(True),
         "peak_mb": stats["peak_bytes_in_use"] / 2**20 if stats else peak_rss, "peak_kind": "device" if stats else "rss",
         "train_mb": (stats["peak_bytes_in_use"] / 2**20) if stats else peak_rss - base_rss,
         "xla_step_mb": xla_bytes / 2**20, "opt_state_mb": partition.state_nbytes(holder["state"].opt_state) / 2**20,
@@ -86,16 +91,21 @@ def run(quick: bool) -> list[dict]:
         results[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
     for variant, r in results.items():
-        extra = {k: r[k] for k in ("model", "batch", "seq", "device", "trainable_params", "peak_kind")}
+        extra = {k: r[k] for k in ("model", "batch", "seq", "device", "trainable_params", "peak_kind", "remat")}
         for metric in ("step_ms", "peak_mb", "train_mb", "xla_step_mb", "opt_state_mb"):
             rows.append(emit(f"peft/{variant}", metric, round(r[metric], 3), **extra))
-    full, lora = results["full"], results["lora_r8"]
-    common = {k: full[k] for k in ("model", "batch", "seq", "device")}
-    ratios = {"train_ratio": lora["train_mb"] / full["train_mb"],
-              "xla_ratio": lora["xla_step_mb"] / full["xla_step_mb"]}  # fmt: skip
-    memory = lora["peak_mb"] / full["peak_mb"]
-    rows.append(emit("peft/lora_r8", "lora_over_full_memory", memory, target="<= 0.7", **ratios, **common))
-    rows.append(emit("peft/lora_r8", "lora_over_full_step", lora["step_ms"] / full["step_ms"], **common))
+    for suffix in ("", "_remat"):
+        full, lora = results["full" + suffix], results["lora_r8" + suffix]
+        common = {k: full[k] for k in ("model", "batch", "seq", "device", "remat")}
+        ratios = {"train_ratio": lora["train_mb"] / full["train_mb"],
+                  "xla_ratio": lora["xla_step_mb"] / full["xla_step_mb"]}  # fmt: skip
+        memory = lora["peak_mb"] / full["peak_mb"]
+        rows.append(emit("peft/lora_r8", "lora_over_full_memory" + suffix, memory, target="<= 0.7", **ratios, **common))
+        rows.append(emit("peft/lora_r8", "lora_over_full_step" + suffix, lora["step_ms"] / full["step_ms"], **common))
+    remat = results["full_remat"]["xla_step_mb"] / results["full"]["xla_step_mb"]
+    rows.append(emit("peft/full", "remat_over_none_xla_memory", remat, **common))
+    rows.append(emit("peft/full", "remat_over_none_step", results["full_remat"]["step_ms"] / results["full"]["step_ms"],
+                     **common))  # fmt: skip
     return rows
 
 

@@ -66,6 +66,7 @@ class BertModel(nn.Module):
     dropout: float = 0.1
     attention_dropout: float = 0.1
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
+    remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
     pad_token_id: int = 0
     roberta_positions: bool = False  # RoBERTa counts positions from pad_token_id + 1, skipping padding
     add_pooling_layer: bool = True
@@ -102,6 +103,7 @@ class BertModel(nn.Module):
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
             drop_path_rate=self.drop_path_rate,
+            remat=self.remat,
             **kw,
         )
         x = encoder(x, layers.padding_mask(attention_mask), train=train)
@@ -136,6 +138,7 @@ def build(
     drop_path_rate: float = 0.0,
     dropout: float | None = None,
     attention_dropout: float | None = None,
+    remat: str = "none",
 ) -> BertModel:
     """The linen module for an HF `BertConfig`/`RobertaConfig`.
 
@@ -145,6 +148,8 @@ def build(
         this rate at the last (`layers.encoder`); 0 leaves the model as HF's.
       dropout, attention_dropout: override `hidden_dropout_prob` / `attention_probs_dropout_prob` (None keeps the
         config's); the config itself is not changed.
+      remat: gradient checkpointing of each block (`layers.REMAT_POLICIES`: "none", "block", "dots"); same
+        outputs and gradients, less activation memory, more compute.
     """
     c = hf_config
     layers.check_transformer_config(c)
@@ -165,6 +170,7 @@ def build(
         dropout=layers.rate_option(dropout, c.hidden_dropout_prob, "dropout"),
         attention_dropout=layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout"),
         drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
+        remat=layers.check_remat(remat),
         pad_token_id=c.pad_token_id or 0,
         roberta_positions=c.model_type == "roberta",
         add_pooling_layer=add_pooling_layer,

@@ -45,6 +45,7 @@ def _encoder(tower, train: bool, x, mask=None):
         dropout=tower.dropout,
         attention_dropout=tower.attention_dropout,
         drop_path_rate=tower.drop_path_rate,
+        remat=tower.remat,
         dtype=tower.dtype,
         param_dtype=tower.param_dtype,
     )
@@ -112,6 +113,7 @@ class VisionTower(nn.Module):
     attention_dropout: float = 0.0
     dropout: float = 0.0  # on the residual branches; HF's CLIP has none
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
+    remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -163,6 +165,7 @@ class TextTower(nn.Module):
     attention_dropout: float = 0.0
     dropout: float = 0.0  # on the residual branches; HF's CLIP has none
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
+    remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -322,7 +325,7 @@ def _square(value, name: str) -> int:
     raise ValueError(f"{name}={value!r} is not supported (square sizes only)")
 
 
-def _tower_options(c, dropout=None, attention_dropout=None, drop_path_rate: float = 0.0) -> dict:
+def _tower_options(c, dropout=None, attention_dropout=None, drop_path_rate: float = 0.0, remat: str = "none") -> dict:
     """A tower's fields from its config and the `build` options (see `build`)."""
     return dict(
         width=c.hidden_size,
@@ -334,6 +337,7 @@ def _tower_options(c, dropout=None, attention_dropout=None, drop_path_rate: floa
         attention_dropout=layers.rate_option(attention_dropout, c.attention_dropout, "attention_dropout"),
         dropout=layers.rate_option(dropout, 0.0, "dropout"),  # not c.dropout: transformers' CLIP never applies it
         drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
+        remat=layers.check_remat(remat),
     )
 
 
@@ -374,6 +378,7 @@ def build(
     drop_path_rate: float = 0.0,
     dropout: float | None = None,
     attention_dropout: float | None = None,
+    remat: str = "none",
 ) -> CLIPModel:
     """The linen module for an HF `CLIPConfig` (both towers) or `CLIPVisionConfig` (vision tower alone).
 
@@ -389,11 +394,13 @@ def build(
       dropout: dropout on both towers' residual branches (attention and MLP outputs). None means none, as in
         transformers' CLIP, which never applies its configs' `dropout` field.
       attention_dropout: overrides both towers' `attention_dropout` (None keeps each tower config's).
+      remat: gradient checkpointing of each block of both towers (`layers.REMAT_POLICIES`: "none", "block", "dots"); same
+        outputs and gradients, less activation memory, more compute.
     """
     if image_size is not None:
         _vision_config(hf_config).image_size = _square(image_size, "image_size")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    rates = dict(dropout=dropout, attention_dropout=attention_dropout, drop_path_rate=drop_path_rate)
+    rates = dict(dropout=dropout, attention_dropout=attention_dropout, drop_path_rate=drop_path_rate, remat=remat)
     vision = _vision_tower(_vision_config(hf_config), rates, **kw)
     if hf_config.model_type == "clip":
         return CLIPModel(

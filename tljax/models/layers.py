@@ -5,7 +5,8 @@ Submodule names are part of the public parameter paths (`encoder/layer_3/attenti
 Every LayerNorm's name ends in `norm` so one regex (`norm/`) finds them all.
 
 Regularisation options shared by the families' `build`: `dropout` / `attention_dropout` (None keeps the HF config's
-rates) and `drop_path_rate` (stochastic depth; `DropPath`, `linear_rates`).
+rates) and `drop_path_rate` (stochastic depth; `DropPath`, `linear_rates`). Memory option `remat` (gradient
+checkpointing of each block, `REMAT_POLICIES`): the backward pass recomputes what the forward did not keep.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def check_rate(value, name: str) -> float:
 def rate_option(value, default, name: str) -> float:
     """A `build` option overriding a config's dropout rate: None keeps `default` (the config's), a float replaces it."""
     return float(default or 0.0) if value is None else check_rate(value, name)
+
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation the backward pass needs (fastest, most memory)
+    "block": jax.checkpoint_policies.nothing_saveable,  # keep block inputs only; recompute each block (HF's default)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs; recompute attention
+}
+
+
+def check_remat(value) -> str:
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {value!r}")
+    return value
 
 
 def linear_rates(rate: float, n: int) -> tuple[float, ...]:
@@ -161,7 +175,7 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, *, train: bool = False):
+    def __call__(self, x, mask=None, train: bool = False):  # `train` positional: `nn.remat` needs it static
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: nn.LayerNorm(epsilon=self.eps, name=name, **kw)
         det = not train
@@ -186,7 +200,7 @@ class Encoder(nn.Module):
     def __call__(self, x, mask=None, *, train: bool = False):
         rates = linear_rates(self.drop_path_rate, self.num_layers)
         for i in range(self.num_layers):
-            x = self.block(name=f"layer_{i}", drop_path=rates[i])(x, mask, train=train)
+            x = self.block(name=f"layer_{i}", drop_path=rates[i])(x, mask, train)
         return x
 
 
@@ -201,6 +215,7 @@ def encoder(
     dropout: float = 0.0,
     attention_dropout: float = 0.0,
     drop_path_rate: float = 0.0,
+    remat: str = "none",
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> Encoder:
@@ -210,9 +225,14 @@ def encoder(
     Args:
       drop_path_rate: stochastic depth of the deepest layer; layer i drops its residual branches with probability
         `drop_path_rate * i / (num_layers - 1)` (timm's linear rule: layer 0 never, the last at the full rate).
+      remat: a `REMAT_POLICIES` name; each block under `nn.remat` with that policy (parameter paths unchanged, outputs
+        and gradients equal; only what the backward pass stores, and so memory and step time, change).
     """
+    cls = Block
+    if check_remat(remat) != "none":
+        cls = nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(3,))  # (self, x, mask, train)
     block = functools.partial(
-        Block,
+        cls,
         num_heads,
         mlp_dim,
         act,

@@ -144,6 +144,7 @@ class ViTModel(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
+    remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
     init_std: float = 0.02
     add_pooling_layer: bool = True
     pooler_size: int | None = None  # None: hidden_size
@@ -174,6 +175,7 @@ class ViTModel(nn.Module):
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
             drop_path_rate=self.drop_path_rate,
+            remat=self.remat,
             **kw,
         )
         x = encoder(x, train=train)
@@ -204,6 +206,7 @@ def build(
     drop_path_rate: float = 0.0,
     dropout: float | None = None,
     attention_dropout: float | None = None,
+    remat: str = "none",
 ) -> ViTModel:
     """The linen module for an HF `ViTConfig`.
 
@@ -217,6 +220,8 @@ def build(
         this rate at the last (`layers.encoder`); 0 leaves the model as HF's.
       dropout, attention_dropout: override `hidden_dropout_prob` / `attention_probs_dropout_prob` (None keeps the
         config's); the config itself is not changed.
+      remat: gradient checkpointing of each block (`layers.REMAT_POLICIES`: "none", "block", "dots"); same
+        outputs and gradients, less activation memory, more compute.
     """
     c = hf_config
     _check_supported(c)
@@ -237,6 +242,7 @@ def build(
         dropout=layers.rate_option(dropout, c.hidden_dropout_prob, "dropout"),
         attention_dropout=layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout"),
         drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
+        remat=layers.check_remat(remat),
         init_std=c.initializer_range,
         add_pooling_layer=add_pooling_layer,
         pooler_size=getattr(c, "pooler_output_size", None),

@@ -190,7 +190,7 @@ def csv_text(runs: Sequence[Run], axes: Sequence[str], metric: str) -> str:
     """sweep.csv: one row per run (empty cells where a run has no such value)."""
     by_phase = list(dict.fromkeys(k for r in runs for k in (r.results or {}).get("test_accuracy_by_phase") or {}))
     columns = ["point", *axes, "status", "metric", "test_accuracy", *(f"test_accuracy_by_phase.{p}" for p in by_phase),
-               "best_validation", "wall_seconds", "trainable_params", *([] if SEED in axes else [SEED]), "run_dir",
+               "best_validation", "wall_seconds", "train_examples_per_second", "trainable_params", *([] if SEED in axes else [SEED]), "run_dir",
                "error"]  # fmt: skip
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, restval="", lineterminator="\n")
@@ -211,6 +211,7 @@ def _numbers(r: Run, metric: str, by_phase: Sequence[str]) -> dict:
         **{f"test_accuracy_by_phase.{p}": r.value(f"test_accuracy_by_phase.{p}") for p in by_phase},
         "best_validation": r.value("best_validation.value"),
         "wall_seconds": r.value("wall_seconds"),
+        "train_examples_per_second": r.value("train_examples_per_second"),
         "trainable_params": trainable_params(r),
         "run_dir": f"{RUNS}/{r.point.folder}",
         "error": r.error,
@@ -221,15 +222,16 @@ def summary_markdown(s: dict, settings: Sequence[Setting], best: Setting | None,
     """summary.md: a table of mean ± sample std per setting (best in bold), failed and unfinished runs."""
     axes = [a for a in s["axes"] if a != SEED] or ["setting"]
     metric = s["metric"]
-    head = [*axes, f"{metric} (mean ± std)", "n", "trainable params", "wall s / run"]
+    head = [*axes, f"{metric} (mean ± std)", "n", "trainable params", "train examples/s", "wall s / run"]
     lines = [f"# Sweep {s['name']}".rstrip(), "",
              f"{metric}: mean ± sample standard deviation over seeds; n: finished runs; best ({s['metric_mode']}) "
              "in bold.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for st in settings:
         cells = [*(label(st.values[a]) for a in axes)] if axes != ["setting"] else [st.name]
         params, wall = st.average("phases.-1.trainable_params"), st.average("wall_seconds")
+        speed = st.average("train_examples_per_second")
         n = str(st.n) if st.n == len(st.runs) else f"{st.n} of {len(st.runs)}"
-        cells += [_mean_std(st), n, "" if params is None else f"{params:,.0f}", "" if wall is None else f"{wall:.0f}"]
+        cells += [_mean_std(st), n, *(_number(v, f) for v, f in ((params, ",.0f"), (speed, ".1f"), (wall, ".0f")))]
         lines.append("| " + " | ".join(f"**{c}**" if st is best and c else c for c in cells) + " |")
     failed = [r for r in runs if r.status in ("failed", "stale")]
     lines += ["", "## Failed runs", ""]
@@ -239,6 +241,10 @@ def summary_markdown(s: dict, settings: Sequence[Setting], best: Setting | None,
     if missing:
         lines += ["", f"Not finished ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing)]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _mean_std(st: Setting) -> str:
