@@ -74,8 +74,8 @@ def test_every_family_takes_the_option_and_bad_values_fail():
     from transformers import CLIPConfig, ViTConfig
 
     assert vit.build(ViTConfig(**TINY, image_size=16, patch_size=8), remat="dots").remat == "dots"
-    c = clip.build(CLIPConfig(text_config=dict(TINY, vocab_size=50), vision_config=dict(TINY, image_size=16,
-                                                                                        patch_size=8)), remat="block")  # fmt: skip
+    text, vision = dict(TINY, vocab_size=50), dict(TINY, image_size=16, patch_size=8)
+    c = clip.build(CLIPConfig(text_config=text, vision_config=vision), remat="block")
     assert c.vision.remat == c.text.remat == "block"
     with pytest.raises(ValueError, match=r"remat must be one of \['block', 'dots', 'none'\], got 'full'"):
         bert.build(hf_config_of(BERT), remat="full")

@@ -82,7 +82,7 @@ def _finished(workdir: Path, config) -> dict | None:
 def config_changes(saved: Mapping, current: Mapping) -> list[str]:
     """Dotted keys where `current` differs from a run's saved config. A key the saved config lacks is no change when
     `current` holds its default (`tljax.job.defaults`): the run predates the key, which was added doing nothing. The
-    top-level `name` is a label, not a setting: a finished run read into another sweep under its name is the same run."""
+    top-level `name` is a label, not a setting: a finished run read into another sweep under its name is that run."""
     old, new, defaults = _flat(saved), _flat(current), _flat(resolved(base_config()))
     keys = sorted((set(old) | set(new)) - LABELS)
     changed = [k for k in keys if old.get(k, _MISSING) != new.get(k, _MISSING)]

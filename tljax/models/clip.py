@@ -394,8 +394,8 @@ def build(
       dropout: dropout on both towers' residual branches (attention and MLP outputs). None means none, as in
         transformers' CLIP, which never applies its configs' `dropout` field.
       attention_dropout: overrides both towers' `attention_dropout` (None keeps each tower config's).
-      remat: gradient checkpointing of each block of both towers (`layers.REMAT_POLICIES`: "none", "block", "dots"); same
-        outputs and gradients, less activation memory, more compute.
+      remat: gradient checkpointing of each block of both towers (`layers.REMAT_POLICIES`: "none", "block",
+        "dots"); same outputs and gradients, less activation memory, more compute.
     """
     if image_size is not None:
         _vision_config(hf_config).image_size = _square(image_size, "image_size")

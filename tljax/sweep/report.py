@@ -190,8 +190,8 @@ def csv_text(runs: Sequence[Run], axes: Sequence[str], metric: str) -> str:
     """sweep.csv: one row per run (empty cells where a run has no such value)."""
     by_phase = list(dict.fromkeys(k for r in runs for k in (r.results or {}).get("test_accuracy_by_phase") or {}))
     columns = ["point", *axes, "status", "metric", "test_accuracy", *(f"test_accuracy_by_phase.{p}" for p in by_phase),
-               "best_validation", "wall_seconds", "train_examples_per_second", "trainable_params", *([] if SEED in axes else [SEED]), "run_dir",
-               "error"]  # fmt: skip
+               "best_validation", "wall_seconds", "train_examples_per_second", "trainable_params",
+               *([] if SEED in axes else [SEED]), "run_dir", "error"]  # fmt: skip
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, restval="", lineterminator="\n")
     writer.writeheader()
