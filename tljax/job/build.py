@@ -14,6 +14,7 @@ Config sections (tljax/job/defaults.py lists every key with its default):
   seed, name
   mode      "finetune"; "probe" (linear probe on cached frozen features, section `probe`); "zero_shot" (CLIP's
             zero-shot classifier from class-name prompts, section `zero_shot`: templates, class_names)
+  fewshot   N-way K-shot episodes over the probe features, read by experiments/fewshot.py (the job ignores it)
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from tljax.data.records import Split
 from tljax.losses import classification_loss
 from tljax.models import hub
 
-SECTIONS = ("model", "data", "schedule", "optimizer", "loss", "engine", "seed", "name", "mode", "probe", "zero_shot")
+# fewshot: read by experiments/fewshot.py (episodes over this job's probe features)
+SECTIONS = ("model", "data", "schedule", "optimizer", "loss", "engine", "seed", "name", "mode", "probe", "zero_shot",
+            "fewshot")  # fmt: skip
 MODES = ("finetune", "probe", "zero_shot")
 
 
