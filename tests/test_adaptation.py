@@ -254,3 +254,29 @@ def test_configs_parse_and_bad_ones_raise():
         adaptation.adaptation_loss("dan")
     with pytest.raises(ValueError, match="domain"):
         adaptation.adaptation_loss("mmd")({"logits": np.zeros((2, 2))}, {"labels": np.zeros(2, np.int32)})
+
+
+@pytest.mark.parametrize("arg", ["dann", "mmd,wordnet"])
+def test_adapt_configs_build_without_training(arg):
+    """The real offline data and models (MiniLM-L6 for wordnet), small sizes: batches, domain head and plan."""
+    from experiments.configs import adapt as configs
+
+    config = configs.get_config(arg)
+    config.data.update(train_size=64, test_size=32, batch_size=8)
+    built = job.build(config)
+    batch = next(built.train_data(0))
+    rows = 8 if config.adapt.method == "source_only" else 16
+    np.testing.assert_array_equal(batch["domain"], np.r_[np.zeros(8), np.ones(rows - 8)])
+    assert len(batch["labels"]) == rows and batch["grl_coeff"][0] == 0.0
+    assert ("domain_head" in built.loaded.params) == (config.adapt.method == "dann")
+    assert {len(s) for s in built.splits.values()} == {64, 32} and built.loaded.model.head.num_classes == (
+        26 if config.data.pair == "wordnet" else 10)  # fmt: skip
+    plan = freezing.resolve(built.schedule, built.loaded, steps_per_epoch=built.train_data.steps_per_epoch)
+    assert plan.total_steps == 300 == built.train_data.total_steps
+    part = plan.phases[0].partition
+    if config.adapt.method == "dann":
+        assert part.count("train") == tree.count(built.loaded.params)
+    if config.data.pair == "wordnet":  # the bottom four of six blocks frozen
+        frozen = {p for p in tree.paths(built.loaded.params) if "layer_3/" in p or "embeddings/" in p}
+        trainable = {p for p, t in tree.flatten(part.trainable_mask).items() if t}
+        assert frozen and not frozen & trainable and any("layer_5/" in p for p in trainable)
