@@ -8,7 +8,9 @@ The argument is `<method>[,<pair>]`. Default pair `fashion_mnist_c`: clean Fashi
 of train) -> gaussian-noise severity-5 Fashion-MNIST (unlabelled, the other half), 10 classes, a small ResNet
 (16-128 channels, 0.31M parameters) trained from scratch at 32x32; 6,000 training images per domain, batches of
 64 + 64, 300 steps (cosine peak 3e-3), tested on 2,000 clean and 2,000 corrupted test images. A few minutes per
-run on 2 CPU cores.
+run on 2 CPU cores. Expected target test accuracy over seeds 0-2 (2-core CPU, measured): source_only 0.615 ± 0.028,
+dann 0.741 ± 0.012, coral 0.760 ± 0.009, mmd 0.778 ± 0.008; mmd with --config.adapt.weight=0 (CE only, but
+BatchNorm statistics over both domains) 0.699 ± 0.009. Source test accuracy 0.83-0.85 for all.
 
 `wordnet`: WordNet definitions -> usage sentences (26 classes) with the offline all-MiniLM-L6-v2, mean pooling,
 max_length 32; the bottom four of six blocks frozen (`top_k` 2 + head), 300 steps of 32 + 32.
