@@ -6,6 +6,7 @@ import pytest
 import scipy.stats
 from sklearn.covariance import ledoit_wolf_shrinkage
 
+from experiments import transferability as cmd
 from tljax import transferability as tr
 
 
@@ -108,11 +109,11 @@ def test_nce_by_hand():
 
 def test_rank_agreement_matches_scipy():
     acc = {"a": 0.5, "b": 0.7, "c": 0.6, "d": 0.9}
-    assert tr.rank_agreement({"a": 1, "b": 3, "c": 2, "d": 4}, acc)["kendall_tau"] == pytest.approx(1.0)
-    flipped = tr.rank_agreement({"a": 4, "b": 2, "c": 3, "d": 1}, acc)
+    assert cmd.rank_agreement({"a": 1, "b": 3, "c": 2, "d": 4}, acc)["kendall_tau"] == pytest.approx(1.0)
+    flipped = cmd.rank_agreement({"a": 4, "b": 2, "c": 3, "d": 1}, acc)
     assert flipped["kendall_tau"] == pytest.approx(-1.0) and flipped["spearman_rho"] == pytest.approx(-1.0)
     score = {"a": 0.1, "b": 0.4, "c": 0.5, "d": 0.3}
-    got = tr.rank_agreement(score, acc)
+    got = cmd.rank_agreement(score, acc)
     names = sorted(acc)
     s, a = [score[k] for k in names], [acc[k] for k in names]
     assert got["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(s, a).statistic)
@@ -134,9 +135,9 @@ def test_rank_agreement_matches_scipy():
         (lambda x, y: tr.leep(np.ones((10, 3)), y), "summing to 1"),
         (lambda x, y: tr.leep(np.full((9, 2), 0.5), y), "shape"),
         (lambda x, y: tr.nce(np.zeros(10), y), "non-negative ints"),
-        (lambda x, y: tr.rank_agreement({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 2, "d": 3}), "same candidates"),
-        (lambda x, y: tr.rank_agreement({"a": 1, "b": 2}, {"a": 1, "b": 2}), ">= 3 candidates"),
-        (lambda x, y: tr.rank_agreement({"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 2, "c": 3}), "constant"),
+        (lambda x, y: cmd.rank_agreement({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 2, "d": 3}), "same candidates"),
+        (lambda x, y: cmd.rank_agreement({"a": 1, "b": 2}, {"a": 1, "b": 2}), ">= 3 candidates"),
+        (lambda x, y: cmd.rank_agreement({"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 2, "c": 3}), "constant"),
     ],
 )
 def test_bad_input_errors(call, message):
@@ -144,3 +145,55 @@ def test_bad_input_errors(call, message):
     y[:2] = [0, 1]
     with pytest.raises(ValueError, match=message):
         call(x, y)
+
+
+# --- the command's plumbing (experiments/transferability.py) on a tiny random BERT ---
+
+
+def _token_batches() -> list[dict]:
+    from conftest import token_batch
+
+    out = []
+    for b in range(2):
+        ids, mask = token_batch(4, 9, seed=b)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": np.arange(4) % 2})
+    return out
+
+
+def test_cached_layers_is_one_pass_then_the_cache(tiny_bert_dir, tmp_path):
+    import tljax.models as tm
+    from tljax import features
+
+    loaded = tm.load_pretrained(tiny_bert_dir)
+    specs, passes = [(0, "mean"), (-1, "cls")], []
+    ckpt = features.checkpoint_id(*features.backbone_of(loaded))
+
+    def batches():
+        passes.append(1)
+        return iter(_token_batches())
+
+    kw = dict(cache_dir=tmp_path, data_key="toy", checkpoint=ckpt)
+    first = cmd.cached_layers(loaded, batches, specs, **kw)
+    again = cmd.cached_layers(loaded, lambda: pytest.fail("a cache hit must not read data"), specs, **kw)
+    assert passes == [1] and [(f.layer, f.pooling) for f in again] == [(0, "mean"), (1, "cls")]
+    for (layer, pooling), f, g in zip(specs, first, again, strict=True):
+        direct = features.extract(loaded, _token_batches(), layer=layer, pooling=pooling)
+        np.testing.assert_allclose(f.x, direct.x, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(f.x, g.x)
+    more = cmd.cached_layers(loaded, batches, specs + [(1, "mean")], **kw)  # only the new spec is extracted
+    assert passes == [1, 1] and np.array_equal(more[0].x, first[0].x)
+
+
+def test_agreement_and_table_of_rows():
+    rows = [{"candidate": f"m/layer{i}/mean", "logme": -1.0 + i / 10, "h_score": float(i), "h_score_shrunk": 1.0 * i,
+             "probe_accuracy": [0.5, 0.7, 0.6][i]} for i in range(3)]  # fmt: skip
+    agree = cmd.agreement(rows)
+    assert set(agree) == {"logme", "h_score", "h_score_shrunk"}
+    assert agree["logme"]["spearman_rho"] == pytest.approx(0.5)
+    assert agree["logme"]["kendall_tau"] == pytest.approx(1 / 3)
+    table = cmd.format_table(rows, agree).splitlines()
+    assert table[1].startswith("m/layer2/mean") and table[-1].startswith("h_score_shrunk")
+    assert cmd.agreement(rows[:2]) == {}  # two candidates: no ranking to compare
+    assert cmd.parse_layers("all", 3) == [0, 1, 2] and cmd.parse_layers("0,-1", 6) == [0, -1]
+    with pytest.raises(ValueError, match="comma-separated ints"):
+        cmd.parse_layers("first", 6)

@@ -5,11 +5,12 @@ fine-tuning is paid for.
     transferability.logme(feats.x, feats.labels)          # LogME, average log evidence per example (higher: better)
     transferability.h_score(feats.x, feats.labels)        # H-score (shrinkage=True: the Ledoit-Wolf variant)
     transferability.leep(source_probs, feats.labels)      # LEEP, from a source classifier's probabilities
-    transferability.rank_agreement(scores, accuracies)    # Kendall's tau, Spearman's rho against real transfer
 
 Each score reads one set of features once, so all are NumPy in float64 (the numbers are sums over thousands of
 rows and a few hundred dimensions; float32 loses digits that rankings of close candidates need). Labels are class
-indices (any non-negative ints); every score needs at least two classes.
+indices (any non-negative ints); every score needs at least two classes. How well a score ranks candidates against
+the accuracy real transfer reaches is `experiments.transferability.rank_agreement` (scipy.stats, which tljax itself
+does not depend on).
 
 - LogME (You et al., ICML 2021): for each class, the one-vs-rest target y = [label == c] is modelled as Bayesian
   linear regression y = F w + noise, w ~ N(0, 1/alpha), noise ~ N(0, 1/beta); alpha and beta maximise the
@@ -30,10 +31,7 @@ indices (any non-negative ints); every score needs at least two classes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
-import scipy.stats
 from sklearn.covariance import LedoitWolf
 
 EPS = 1e-5  # added to the fixed-point denominators, as in the LogME authors' code
@@ -194,7 +192,7 @@ def nce(source_labels, labels) -> float:
     return float(np.sum(joint[joint > 0] * np.log(conditional[joint > 0])))
 
 
-# --- several scores, and agreement with real transfer ---
+# --- every score of one candidate ---
 
 
 def scores(x, labels, source_probs=None) -> dict[str, float]:
@@ -206,21 +204,3 @@ def scores(x, labels, source_probs=None) -> dict[str, float]:
         out["leep"] = leep(source_probs, labels)
         out["nce"] = nce(np.asarray(source_probs).argmax(1), labels)
     return out
-
-
-def rank_agreement(score: Mapping[str, float], accuracy: Mapping[str, float]) -> dict[str, float]:
-    """Kendall's tau (tau-b) and Spearman's rho, with their p-values, between a score and the accuracy real transfer
-    reaches, over the candidates both name (they must name the same ones, at least 3, with finite values)."""
-    if set(score) != set(accuracy):
-        differ = sorted(set(score) ^ set(accuracy))
-        raise ValueError(f"score and accuracy must cover the same candidates; they differ on {differ}")
-    names = sorted(score)
-    a, b = np.array([score[k] for k in names], float), np.array([accuracy[k] for k in names], float)
-    if len(names) < 3 or not (np.isfinite(a).all() and np.isfinite(b).all()):
-        got = {k: (score[k], accuracy[k]) for k in names}
-        raise ValueError(f"rank agreement needs >= 3 candidates with finite values, got (score, accuracy) {got}")
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        raise ValueError("a constant score or accuracy has no ranking: the correlation is undefined")
-    tau, rho = scipy.stats.kendalltau(a, b), scipy.stats.spearmanr(a, b)
-    return {"kendall_tau": float(tau.statistic), "kendall_p": float(tau.pvalue),
-            "spearman_rho": float(rho.statistic), "spearman_p": float(rho.pvalue)}  # fmt: skip
