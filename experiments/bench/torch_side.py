@@ -52,7 +52,7 @@ def trainable(name: str, mode: str, layers: int) -> bool:
         return True
     if mode == "head":
         return False
-    block = re.search(r"encoder\.layer\.(\d+)\.", name)
+    block = re.search(r"\.(?:layer|layers)\.(\d+)\.", name)  # BERT: bert.encoder.layer.i; ViT (v5): vit.layers.i
     if block:
         return int(block.group(1)) >= layers - peer.TOP_K
     return bool(re.match(r"(bert\.pooler|vit\.layernorm)\.", name))
