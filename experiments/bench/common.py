@@ -34,6 +34,24 @@ def time_fn(fn: Callable, *args, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def status_mb(field: str) -> float:
+    """A `/proc/self/status` memory field (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the VmHWM high-water mark, so compilation's own memory is not counted as training's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def xla_step_bytes(compiled) -> int:
+    """XLA's account of a compiled step's memory: arguments + outputs not aliased to them + temporaries."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
 def tiny_bert_dir() -> str:
     import torch
     from transformers import BertConfig, BertModel

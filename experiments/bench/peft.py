@@ -20,7 +20,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from experiments.bench.common import emit, setup, time_fn
+from experiments.bench.common import emit, reset_peak_rss, setup, status_mb, time_fn, xla_step_bytes
 
 LORA = [{"method": "lora", "rank": 8, "alpha": 16}]
 VARIANTS = {  # name: (PEFT methods, rule set, remat policy)
@@ -31,17 +31,6 @@ VARIANTS = {  # name: (PEFT methods, rule set, remat policy)
     "full_remat": ([], "full", "block"),
     "lora_r8_remat": (LORA, "peft", "block"),
 }
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
-def _reset_peak_rss() -> None:
-    """Linux: restart the VmHWM high-water mark, so compilation's own memory is not counted as training's."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def measure(variant: str, quick: bool) -> dict:
@@ -59,11 +48,10 @@ def measure(variant: str, quick: bool) -> dict:
     fresh = lambda: init_state(jax.tree.map(jnp.copy, loaded.params), part.tx)  # the step donates its state
     compiled = step.lower(jax.eval_shape(fresh), batch).compile()
     jax.block_until_ready(loaded.params)
-    _reset_peak_rss()
-    base_rss = _status_mb("VmRSS")  # the process with the model loaded and the step compiled
+    reset_peak_rss()
+    base_rss = status_mb("VmRSS")  # the process with the model loaded and the step compiled
     state = fresh()
-    mem = compiled.memory_analysis()
-    xla_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    xla_bytes = xla_step_bytes(compiled)
     holder = {"state": state}
 
     def run():
@@ -73,7 +61,7 @@ def measure(variant: str, quick: bool) -> dict:
     seconds = time_fn(run, reps=3 if quick else 5)
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
-    peak_rss = _status_mb("VmHWM")  # since the reset: state, steps, activations
+    peak_rss = status_mb("VmHWM")  # since the reset: state, steps, activations
     return {
         "variant": variant, "remat": remat, "step_ms": 1e3 * seconds, "trainable_params": part.count(True),
         "peak_mb": stats["peak_bytes_in_use"] / 2**20 if stats else peak_rss, "peak_kind": "device" if stats else "rss",

@@ -1,0 +1,93 @@
+"""`mfu`: model FLOPs utilisation of full fine-tuning, against the device's peak measured in the same run.
+
+Peak: the best FLOP/s of a large jitted `jnp.matmul` (f32 on CPU, bf16 on an accelerator: the dtype the step
+computes in). Model FLOPs per step: XLA's cost analysis of the compiled train step (forward, backward, AdamW),
+cross-checked against the 6 * N * tokens rule (N: non-embedding parameters) and against 6 * N * tokens plus the
+attention-score term 6 * layers * positions * width per token (Kaplan et al. 2020); `xla_over_6nt` is their
+ratio. MFU = XLA FLOPs per step / step time / peak (`mfu_6nt`: with the 6NT count).
+
+    python -m experiments.bench mfu                    # real MiniLM-L6, batch 32 x 128
+    python -m experiments.bench mfu --model bert-base  # any `bench peer` model
+    python -m experiments.bench mfu --quick
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench import peer
+from experiments.bench.common import emit, time_fn
+from tljax import tree
+
+NOT_MATMUL = r"(/embedding$|position_embeddings$|cls_token$)"  # lookups and additions: no multiply-adds
+
+
+def peak_flops(sizes, dtype, reps: int) -> tuple[float, int]:
+    """(best FLOP/s, its size) of an n x n @ n x n matmul over `sizes`."""
+    matmul = jax.jit(jnp.matmul)
+    best = (0.0, 0)
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        seconds = time_fn(matmul, a, a, reps=reps)
+        best = max(best, (2 * n**3 / seconds, n))
+    return best
+
+
+def flop_estimates(loaded, s: dict) -> dict:
+    """The 6 * N * tokens estimate of one training step and its attention-score term."""
+    flat = tree.flatten(loaded.params)
+    n = sum(x.size for p, x in flat.items() if not re.search(NOT_MATMUL, p))
+    tokens = s["batch"] * peer.tokens_per_example(s)
+    c = loaded.hf_config
+    attention = 6 * c.num_hidden_layers * peer.tokens_per_example(s) * c.hidden_size * tokens
+    return {"non_embedding_params": n, "tokens": tokens, "six_n_tokens": 6 * n * tokens, "attention": attention}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help=f"one of {sorted(peer.MODELS)} (default minilm; --quick: "
+                        "tiny-bert)")  # fmt: skip
+
+
+def run(quick: bool, model=None) -> list[dict]:
+    name = model or ("tiny-bert" if quick else "minilm")
+    device = jax.devices()[0]
+    dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+    sizes = (256, 512) if quick else ((1024, 2048) if device.platform == "cpu" else (4096, 8192))
+    reps = 3 if quick else 5
+    peak, size = peak_flops(sizes, dtype, reps)
+    common = {"device": device.device_kind, "platform": device.platform}
+    rows = [emit("mfu/peak", "peak_flops_per_s", peak, dtype=jnp.dtype(dtype).name, matmul_size=size, **common)]
+    with tempfile.TemporaryDirectory(prefix="tljax-mfu-") as folder:
+        s = peer.checkpoints([name], folder)[name]
+        loaded = peer.jax_load(s)
+        batch = jax.device_put(peer.make_batch(s))
+        compiled, state, part = peer.jax_step(loaded, "full", batch)
+        holder = {"state": state}
+
+        def step():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return metrics["loss"]
+
+        seconds = time_fn(step, reps=reps)
+    xla = compiled.cost_analysis().get("flops", float("nan"))
+    est = flop_estimates(loaded, s)
+    with_attention = est["six_n_tokens"] + est["attention"]
+    common.update(model=name, batch=s["batch"], tokens=est["tokens"], params=part.count(True))
+    where = f"mfu/{name}/full"
+    rows += [
+        emit(where, "step_ms", 1e3 * seconds, **common),
+        emit(where, "xla_flops_per_step", xla, **common),
+        emit(
+            where, "six_n_tokens_flops", est["six_n_tokens"], non_embedding_params=est["non_embedding_params"], **common
+        ),  # fmt: skip
+        emit(where, "xla_over_6nt", xla / est["six_n_tokens"], **common),
+        emit(where, "xla_over_6nt_plus_attention", xla / with_attention, **common),
+        emit(where, "achieved_flops_per_s", xla / seconds, **common),
+        emit(where, "mfu", xla / seconds / peak, peak_flops_per_s=peak, **common),
+        emit(where, "mfu_6nt", est["six_n_tokens"] / seconds / peak, **common),
+    ]
+    return rows

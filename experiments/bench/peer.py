@@ -1,0 +1,309 @@
+"""`peer`: tljax against PyTorch + transformers fine-tuning the same checkpoint, side by side in one run.
+
+Both sides load the same HF folder (real MiniLM-L6; random BERT-base / ViT-B/16 checkpoints written once into a temp
+dir), take the same batch (same NumPy seed), the same loss and AdamW (lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight
+decay 0.01 except biases and norms), dropout on, fp32 on CPU (bf16 compute on GPU: tljax `dtype="bfloat16"` with
+fp32 params, torch `autocast(bfloat16)`). Each side runs in its own process (two frameworks in one process fight over
+the cores), both compile / warm up first, then the parent alternates them for several rounds (the side that goes
+first alternates too) while the other waits idle on its stdin; step times are the median of all timed steps.
+
+Modes: `full` (everything trains), `top3` (head, pooler / final norm and the top 3 blocks; tljax `rules.top_k`,
+torch `requires_grad=False` on the rest), `head` (the classifier only; `rules.linear_probe`).
+`full_ft_over_torch`, `top3_over_torch`, `head_over_torch` = tljax examples/s over PyTorch examples/s (> 1: tljax
+is faster).
+
+    python -m experiments.bench peer                                   # MiniLM-L6, BERT-base, ViT-B/16: slow on CPU
+    python -m experiments.bench peer --models minilm --modes full,head
+    python -m experiments.bench peer --quick                           # tiny random BERT and ViT, seconds
+
+This module holds the orchestration, the model specs and the tljax worker; `torch_side.py` is the PyTorch worker.
+It imports no JAX at module level, so the parent and the PyTorch process never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+OPTIMIZER = {"learning_rate": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+MODES = ("full", "top3", "head")
+ALL_MODES = ",".join(MODES)
+RATIO_METRIC = {"full": "full_ft_over_torch", "top3": "top3_over_torch", "head": "head_over_torch"}
+TOP_K = 3
+CLASSES = 4
+MARK = "@@ "  # protocol lines on a worker's stdout start with this; anything else (library chatter) is skipped
+
+# name -> kind, HF config (None: the real checkpoint), batch, seq (text) / image size (vision)
+MODELS = {
+    "minilm": {"kind": "text", "config": None, "batch": 32, "seq": 128},
+    "bert-base": {"kind": "text", "config": {}, "batch": 32, "seq": 128},  # BertConfig() defaults: 12 x 768
+    "vit-b16": {"kind": "image", "config": {}, "batch": 32, "image": 224},  # ViTConfig() defaults: 12 x 768, /16
+    "tiny-bert": {"kind": "text", "batch": 8, "seq": 32, "config": dict(
+        vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=64)},
+    "tiny-vit": {"kind": "image", "batch": 8, "image": 32, "config": dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8)},
+}  # fmt: skip
+DEFAULT_MODELS = ("minilm", "bert-base", "vit-b16")
+QUICK_MODELS = ("tiny-bert", "tiny-vit")
+
+
+def spec(name: str, folder: str) -> dict:
+    """Everything a worker needs to build its side: the model entry, its checkpoint folder and the class count."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return {"name": name, "folder": folder, "classes": CLASSES, **MODELS[name]}
+
+
+def make_batch(s: dict, batch: int | None = None) -> dict[str, np.ndarray]:
+    """The benchmark batch as NumPy arrays (same seed on both sides): tokens or NCHW pixels, plus labels."""
+    rng = np.random.default_rng(0)
+    n = batch or s["batch"]
+    labels = rng.integers(0, s["classes"], (n,)).astype(np.int32)
+    if s["kind"] == "image":
+        pixels = rng.standard_normal((n, 3, s["image"], s["image"])).astype(np.float32)
+        return {"pixel_values": pixels, "labels": labels}
+    vocab = s["vocab_size"]
+    ids = rng.integers(1000 % vocab, vocab, (n, s["seq"])).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+
+
+def tokens_per_example(s: dict) -> int:
+    """Sequence positions the encoder sees per example (ViT: patches + CLS)."""
+    return s["seq"] if s["kind"] == "text" else (s["image"] // s["patch_size"]) ** 2 + 1
+
+
+def checkpoints(names, folder: str) -> dict[str, dict]:
+    """Specs for `names`, random checkpoints written into `folder` (needs torch: call from a parent process)."""
+    from experiments.bench import torch_side
+
+    return {n: torch_side.with_checkpoint(spec(n, ""), folder) for n in names}
+
+
+# --- the tljax worker -------------------------------------------------------------------------------------------
+
+
+def jax_load(s: dict):
+    """`load_pretrained` on the spec's folder with a classification head; bf16 compute on an accelerator."""
+    import jax
+
+    import tljax.models as tm
+
+    accelerator = jax.devices()[0].platform != "cpu"
+    return tm.load_pretrained(
+        s["folder"], num_classes=s["classes"], pooling="pooler" if s["kind"] == "text" else "cls",
+        dtype="bfloat16" if accelerator else "float32", param_dtype="float32",
+    )  # fmt: skip
+
+
+def jax_rules(loaded, mode: str):
+    from tljax import rules
+
+    return {"full": rules.full, "top3": lambda m: rules.top_k(m, TOP_K), "head": rules.linear_probe}[mode](loaded)
+
+
+def jax_partition(loaded, mode: str, batch):
+    """The `Partition` of a mode with the benchmark's AdamW (parameters the loss never reaches: frozen)."""
+    from tljax import partition, task
+
+    unused = task.unused_params(loaded.model, loaded.params, batch)
+    return partition.build(loaded.params, jax_rules(loaded, mode), unused=unused, **OPTIMIZER)
+
+
+def fresh_state(loaded, part):
+    """A new train state over a copy of the loaded params (the step donates its state)."""
+    import jax
+    import jax.numpy as jnp
+
+    from tljax.step import init_state
+
+    return init_state(jax.tree.map(jnp.copy, loaded.params), part.tx)
+
+
+def jax_compile(loaded, part, batch):
+    """The jitted `make_train_step` (state donated) compiled for this batch's shapes; allocates no state."""
+    import jax
+
+    from tljax.step import make_train_step
+
+    abstract = jax.eval_shape(lambda: fresh_state(loaded, part))
+    return jax.jit(make_train_step(loaded.model, part), donate_argnums=0).lower(abstract, batch).compile()
+
+
+def jax_step(loaded, mode: str, batch):
+    """(compiled step, fresh state, partition) for one mode."""
+    part = jax_partition(loaded, mode, batch)
+    return jax_compile(loaded, part, batch), fresh_state(loaded, part), part
+
+
+def jax_steps(s: dict, modes) -> dict:
+    """mode -> a zero-argument function running one blocking train step."""
+    import jax
+
+    loaded = jax_load(s)
+    batch = jax.device_put(make_batch(s))
+    steps = {}
+    for mode in modes:
+        compiled, state, _ = jax_step(loaded, mode, batch)
+        holder = {"state": state}
+
+        def one(compiled=compiled, holder=holder):
+            holder["state"], metrics = compiled(holder["state"], batch)
+            jax.block_until_ready(metrics["loss"])
+
+        steps[mode] = one
+    return steps
+
+
+# --- the protocol both workers speak ----------------------------------------------------------------------------
+
+
+def send(obj) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
+def serve(steps: dict, info: dict, warmup: int = 2) -> None:
+    """Worker loop: warm every mode up, say ready, then answer `<mode> <reps>` lines with the reps' step seconds
+    (after one untimed step) until stdin closes."""
+    import time
+
+    for one in steps.values():
+        for _ in range(warmup):
+            one()
+    send({"ready": True, **info})
+    for line in sys.stdin:
+        mode, reps = line.split()
+        steps[mode]()
+        times = []
+        for _ in range(int(reps)):
+            t = time.perf_counter()
+            steps[mode]()
+            times.append(time.perf_counter() - t)
+        send({"times": times})
+
+
+class Worker:
+    """A benchmark worker process: started with its command, then asked for timed steps one mode at a time."""
+
+    def __init__(self, side: str, cmd: list[str], env: dict):
+        self.side = side
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", **env}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+        raise RuntimeError(f"the {self.side} worker exited with {self.proc.wait()} (its stderr is above)")
+
+    def times(self, mode: str, reps: int) -> list[float]:
+        self.proc.stdin.write(f"{mode} {reps}\n")
+        self.proc.stdin.flush()
+        return self.read()["times"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _workers(s: dict, modes, threads: str) -> tuple[Worker, Worker]:
+    arg = json.dumps({**s, "modes": list(modes), "threads": threads})
+    jax_env, torch_env = {}, {}
+    if threads == "1":  # XLA:CPU's Eigen pool and PyTorch's OpenMP pool, one thread each
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        jax_env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+        torch_env["OMP_NUM_THREADS"] = "1"
+    jax_w = Worker("tljax", [sys.executable, "-m", "experiments.bench.peer", arg], jax_env)
+    torch_w = Worker("torch", [sys.executable, "-m", "experiments.bench.torch_side", arg], torch_env)
+    return jax_w, torch_w  # both set up at once (not timed); only one runs while the other waits
+
+
+def compare(s: dict, modes, rounds: int, reps: int, threads: str = "default") -> tuple[dict, dict]:
+    """Alternates the two workers for `rounds` rounds per mode; returns ({side: info}, {mode: {side: seconds}})."""
+    jax_w, torch_w = _workers(s, modes, threads)
+    try:
+        info = {"tljax": jax_w.read(), "torch": torch_w.read()}
+        times = {m: {"tljax": [], "torch": []} for m in modes}
+        for r in range(rounds):
+            for mode in modes:
+                for w in (jax_w, torch_w) if r % 2 == 0 else (torch_w, jax_w):
+                    times[mode][w.side] += w.times(mode, reps)
+    finally:
+        jax_w.close()
+        torch_w.close()
+    return info, times
+
+
+def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str) -> list[dict]:
+    from experiments.bench.common import emit
+
+    common = {"model": s["name"], "batch": s["batch"], "device": info["tljax"]["device"], "rounds": rounds,
+              "reps": reps, "threads": threads, "torch": info["torch"]["version"],
+              "torch_threads": info["torch"]["threads"], "precision": info["tljax"]["precision"]}  # fmt: skip
+    common.update({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
+    rows = []
+    for mode, by_side in times.items():
+        per_s = {}
+        for side, ts in by_side.items():
+            med = statistics.median(ts)
+            per_s[side] = s["batch"] / med
+            q = np.percentile(ts, [25, 75]) * 1e3
+            rows.append(emit(f"peer/{s['name']}/{mode}", f"{side}_step_ms", 1e3 * med, p25=q[0], p75=q[1], **common))
+            rows.append(emit(f"peer/{s['name']}/{mode}", f"{side}_examples_per_s", per_s[side], **common))
+        ratio = per_s["tljax"] / per_s["torch"]
+        rows.append(emit(f"peer/{s['name']}/{mode}", RATIO_METRIC[mode], ratio, **common))
+    return rows
+
+
+def _names(value: str, allowed, what: str) -> list[str]:
+    names = [v for v in value.split(",") if v]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"--{what} {value!r}: choose a comma-separated subset of {sorted(allowed)}")
+    return names
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", default=None, help=f"comma list of {sorted(MODELS)} (default: "
+                        f"{','.join(DEFAULT_MODELS)}; --quick: {','.join(QUICK_MODELS)})")  # fmt: skip
+    parser.add_argument("--modes", default=ALL_MODES, help=f"comma list of {MODES}")
+    parser.add_argument("--rounds", type=int, default=None, help="alternations of the two processes (default 3)")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per side per round (default 3)")
+    parser.add_argument("--threads", choices=("default", "1"), default=None,
+                        help="CPU threads of both sides: each framework's default, or 1 each (--quick's default: "
+                        "tiny models gain nothing from threads, and an oversubscribed OpenMP pool stalls)")  # fmt: skip
+
+
+def run(quick: bool, models=None, modes=ALL_MODES, rounds=None, reps=None, threads=None) -> list[dict]:
+    names = _names(models or ",".join(QUICK_MODELS if quick else DEFAULT_MODELS), MODELS, "models")
+    modes = _names(modes, MODES, "modes")
+    rounds, reps = rounds or (2 if quick else 3), reps or (2 if quick else 3)
+    threads = threads or ("1" if quick else "default")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tljax-peer-") as folder:
+        for s in checkpoints(names, folder).values():
+            info, times = compare(s, modes, rounds, reps, threads)
+            rows += _rows(s, info, times, rounds, reps, threads)
+    return rows
+
+
+if __name__ == "__main__":  # the tljax worker (compare() starts it)
+    import jax
+
+    _s = json.loads(sys.argv[1])
+    _accelerator = jax.devices()[0].platform != "cpu"
+    serve(
+        jax_steps(_s, _s["modes"]),
+        {
+            "device": jax.devices()[0].device_kind,
+            "platform": jax.devices()[0].platform,
+            "precision": "bf16 compute, fp32 params" if _accelerator else "fp32",
+        },
+    )

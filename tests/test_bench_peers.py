@@ -1,0 +1,94 @@
+"""`bench peer / mfu / memory / scaling`: the --quick entry points print finite, self-consistent JSON lines; the
+PyTorch side freezes exactly what tljax's rule sets freeze; the batch search finds the boundary."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from experiments.bench import memory, peer, torch_side
+
+
+def _bench(*args) -> dict:
+    """Runs `python -m experiments.bench ARGS` and returns {(name, metric): row}."""
+    out = subprocess.run([sys.executable, "-m", "experiments.bench", *args], check=True, capture_output=True,
+                         text=True)  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert rows and all(isinstance(r["value"], int | float) and math.isfinite(r["value"]) for r in rows)
+    return {(r["name"], r["metric"]): r for r in rows}
+
+
+def test_peer_quick_reports_both_sides_and_their_ratio():
+    rows = _bench("peer", "--quick", "--models", "tiny-bert", "--rounds", "1", "--reps", "2")
+    for model in ("tiny-bert",):  # tiny-vit's worker: the same code (its freezing is checked below)
+        for mode, metric in peer.RATIO_METRIC.items():
+            at = lambda m, where=f"peer/{model}/{mode}": rows[(where, m)]
+            jax_s, torch_s = at("tljax_examples_per_s"), at("torch_examples_per_s")
+            assert at(metric)["value"] == pytest.approx(jax_s["value"] / torch_s["value"])
+            assert jax_s["value"] == pytest.approx(8 / (at("tljax_step_ms")["value"] / 1e3))
+            assert at("torch_step_ms")["p25"] <= at("torch_step_ms")["value"] <= at("torch_step_ms")["p75"]
+            assert at(metric)["threads"] == "1" and at(metric)["torch_threads"] == 1
+
+
+def test_mfu_quick_is_xla_flops_over_time_over_peak():
+    rows = _bench("mfu", "--quick")
+    at = lambda m: rows[("mfu/tiny-bert/full", m)]["value"]
+    peak = rows[("mfu/peak", "peak_flops_per_s")]["value"]
+    assert at("mfu") == pytest.approx(at("xla_flops_per_step") / (at("step_ms") / 1e3) / peak)
+    assert at("xla_over_6nt") == pytest.approx(at("xla_flops_per_step") / at("six_n_tokens_flops"))
+    # a transformer step is ~6NT multiply-adds plus attention scores and elementwise work: not 3x off either way
+    assert 0.9 < at("xla_over_6nt_plus_attention") <= at("xla_over_6nt") < 2.0
+    # tiny-bert: 4 layers of 4*64*64 + 4*64 (attention) + 2*64*256 + 256 + 64 (MLP) + 4*64 (norms), pooler, head
+    layer = 4 * 64 * 64 + 4 * 64 + 2 * 64 * 256 + 256 + 64 + 4 * 64
+    n = 4 * layer + 2 * 64 + (64 * 64 + 64) + (64 * 4 + 4)  # + embedding norm, pooler, head
+    assert rows[("mfu/tiny-bert/full", "six_n_tokens_flops")]["non_embedding_params"] == n
+    assert at("six_n_tokens_flops") == 6 * n * 8 * 32
+
+
+def test_memory_quick_orders_the_modes():
+    rows = _bench("memory", "--quick")
+    at = lambda mode, m: rows[(f"memory/{mode}", m)]["value"]
+    assert at("head", "opt_state_mb") < at("top3", "opt_state_mb") < at("full", "opt_state_mb")
+    assert at("head", "train_mb") < at("full", "train_mb")
+    assert at("full", "largest_batch") <= at("top3", "largest_batch") <= at("head", "largest_batch")
+    assert at("full", "largest_batch") >= 1
+    assert rows[("memory/head", "train_mb_over_full")]["value"] < 1
+
+
+def test_scaling_quick_covers_every_count_and_says_fake_devices_show_overhead():
+    rows = _bench("scaling", "--quick", "--devices", "1,8")
+    for n in (1, 8):
+        for mode in ("data", "fsdp"):
+            row = rows[(f"scaling/{mode}/{n}", "examples_per_s")]
+            assert row["value"] == pytest.approx(8 / (row["step_ms"] / 1e3))
+            assert "overhead, not speed-up" in row["note"]
+    assert rows[("scaling/data/1", "speedup_over_1")]["value"] == 1.0
+
+
+@pytest.mark.parametrize("model", peer.QUICK_MODELS)
+def test_torch_side_trains_what_tljax_rules_train(model, tmp_path):
+    import transformers
+
+    s = peer.checkpoints([model], str(tmp_path))[model]
+    loaded = peer.jax_load(s)
+    batch = peer.make_batch(s, 2)
+    cls = transformers.BertForSequenceClassification if s["kind"] == "text" else transformers.ViTForImageClassification
+    hf = cls.from_pretrained(s["folder"])
+    for mode in peer.MODES:
+        ours = peer.jax_partition(loaded, mode, batch).count(True)
+        theirs = sum(p.numel() for n, p in hf.named_parameters() if torch_side.trainable(n, mode, s["layers"]))
+        assert theirs == ours, mode
+    assert peer.jax_partition(loaded, "head", batch).count(True) == 64 * 4 + 4
+
+
+def test_largest_batch_brackets_the_boundary():
+    for boundary in (1, 7, 37, 100):
+        calls = []
+        fits = lambda b, calls=calls, boundary=boundary: calls.append(b) or b <= boundary
+        best, capped = memory.largest_batch(fits, 1, 1024)
+        assert not capped and best <= boundary and boundary - best <= max(1, boundary // 8)
+        assert len(calls) <= 2 * math.log2(boundary + 1) + 2
+    assert memory.largest_batch(lambda b: True, 4, 50) == (32, True)
+    assert memory.largest_batch(lambda b: False, 1, 50) == (0, False)
