@@ -15,7 +15,7 @@ same with learned loss weights, Kendall et al. 2018), `single_<task>` (one head,
 Budget (21-29 minutes a run measured on 2 CPU cores shared with ~20 other processes): batch 32, sequences cut at
 32 tokens, 80 steps with the top 2 of 6 blocks (cosine, peak 3e-4, 8 warm-up steps) and the heads (10x that LR)
 training; the frozen bottom four blocks make the backward pass cheap. Test accuracy measured at this budget (mean
-over 2 seeds, README): multi lexnames 0.667, examples 0.284; single_lexnames 0.742; single_examples 0.323 (at 80
+over seeds 0-2, README): multi lexnames 0.681, examples 0.294; single_lexnames 0.735; single_examples 0.319 (at 80
 steps each task of the multi run sees about half the rows its single-task run sees, and loses).
 """
 
