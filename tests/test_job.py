@@ -18,7 +18,9 @@ from tljax import data, freezing, job
 pytestmark = pytest.mark.xdist_group("test_job")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOT_JOBS = ("__init__", "base", "adapt")  # adapt.py configures experiments/adapt.py: built in test_adaptation.py
+# adapt.py and multitask.py configure experiments/adapt.py and experiments/multitask.py (their own sections), built in
+# tests/test_adaptation.py and tests/test_multitask.py
+NOT_JOBS = ("__init__", "base", "adapt", "multitask")
 CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py") if p.stem not in NOT_JOBS)
 
 
