@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import token_batch
 
+import tljax.models as tm
 from tljax import engine, freezing, multitask, tree
 from tljax.engine import EngineConfig
 from tljax.freezing import FreezingSchedule, Phase
@@ -69,6 +70,16 @@ def test_params_layout_and_outputs(mt):
     out = outputs_of(mt, mt.params, make_batch())
     assert out["logits"]["a"].shape == (6, 3) and out["logits"]["b"].shape == (6, 2)
     assert float(out["log_vars"]["a"]) == 0.5 and hash(mt.model)  # hashable: the engine caches per model
+
+
+def test_a_model_built_from_a_config_has_its_log_variances():
+    """Regression: `tm.from_config(head=heads_for(..., uncertainty=True))` initialised the heads through `WithHead`,
+    which never asked for the log-variances, so the first `MultiTaskModel` call failed (ScopeParamNotFoundError)."""
+    cfg = {"model_type": "bert", "vocab_size": 99, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 16}  # fmt: skip
+    loaded = multitask.as_multitask(tm.from_config(cfg, head=multitask.heads_for(TASKS, uncertainty=True)))
+    assert multitask.log_variances(loaded.params) == {"a": 0.0, "b": 0.0}
+    assert set(outputs_of(loaded, loaded.params, make_batch())["log_vars"]) == {"a", "b"}
 
 
 def test_fixed_weights_apply_per_head(mt):

@@ -68,6 +68,11 @@ class UncertaintyHeads(MultiHead):
     def setup(self):
         self.task_weights = LogVariances(tuple(self.heads))
 
+    def __call__(self, features, *, train: bool = False):
+        if self.is_initializing():  # created with the heads by whichever model initialises them (`tm.from_config`)
+            self.task_weights()
+        return super().__call__(features, train=train)
+
     def log_vars(self) -> dict:
         return self.task_weights()
 
