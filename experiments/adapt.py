@@ -12,20 +12,12 @@ the target and source test accuracies, and every seed's results.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/adapt.py", "Config file (py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run (config.seed is set to each).")
-_CACHE = flags.DEFINE_string(
-    "compilation_cache", "~/.cache/tljax/jax", "JAX's persistent compilation cache ('' : off): reruns skip compiling."
-)
+from experiments import cli
 
 
 def run_seed(config, seed: int, workdir: Path) -> dict:
@@ -40,35 +32,13 @@ def run_seed(config, seed: int, workdir: Path) -> dict:
     return job.run(config, workdir)
 
 
-def quiet_logs() -> None:
-    """tljax's INFO lines (plan, compile times) on stderr, other libraries at WARNING (as experiments.finetune)."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    ours = logging.getLogger("tljax")
-    ours.setLevel(logging.INFO)
-    ours.addHandler(handler)
-    ours.propagate = False
-
-
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from tljax import engine
     from tljax.adaptation import job
 
-    quiet_logs()
-    if _CACHE.value:
-        engine.enable_compilation_cache(os.path.expanduser(_CACHE.value))
-    config = _CONFIG.value
+    config, workdir = cli.start(argv, "adapt")
     job.check_config(config)
-    try:
-        seeds = [int(s) for s in _SEEDS.value]
-    except ValueError:
-        raise app.UsageError(f"--seeds takes integers, got {_SEEDS.value}") from None
-    workdir = Path(_WORKDIR.value or f"runs/{config.name}")
+    workdir, seeds = Path(workdir), cli.seeds(config.seed)
     runs = []
     for seed in seeds:
         result = run_seed(config, seed, workdir / f"seed_{seed}")
@@ -83,4 +53,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    cli.define_flags("experiments/configs/adapt.py", seeds=["0", "1", "2"])
     app.run(main, sys.argv)

@@ -13,23 +13,15 @@ each key). The job's features of train / validation / test are extracted once an
 from __future__ import annotations
 
 import json
-import logging
-import os
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/fewshot.py", "Config file (py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
-_CACHE = flags.DEFINE_string(
-    "compilation_cache",
-    "~/.cache/tljax/jax",
-    "JAX's persistent compilation cache ('' : off): support-set fine-tunes after the first compile nothing.",
-)
+from experiments import cli
 
 TRANSFORMS = ("cl2n", "l2n", "none")
 
@@ -108,6 +100,8 @@ def text_zero_shot(job, source, sets: dict) -> dict:
 def finetune_episode(job, model, ordered, eps, e: int, cfg) -> float:
     """Query accuracy after `engine.fit` trains `model` (an N-way head on the job's backbone) with the configured
     schedule on episode `e`'s support set only; nothing is written to disk."""
+    import jax
+
     from tljax import data, engine, evaluation, freezing
 
     def split(rows, name):  # episode labels 0..N-1 in the episode's class order
@@ -117,8 +111,10 @@ def finetune_episode(job, model, ordered, eps, e: int, cfg) -> float:
     batch = cfg.batch_size or len(support)
     train = data.TrainData(support, batch_size=batch, seed=e, **job.inputs.train_kwargs(support))
     schedule = freezing.get(cfg.schedule, model, **dict(cfg.args))
+    # A support set (N x K rows) rarely splits evenly over the devices: train it on as many as divide the batch.
+    devices = math.gcd(batch, jax.device_count())
     config = engine.EngineConfig(workdir=None, progress=False, tensorboard=False, seed=e, log_every=10**6,
-                                 optimizer=dict(job.config.optimizer))  # fmt: skip
+                                 optimizer=dict(job.config.optimizer), devices=devices)  # fmt: skip
     result = engine.fit(model, schedule, train, config, loss_fn=job.loss_fn)
     queries = data.EvalData(query, batch_size=job.config.data.eval_batch_size, **job.inputs.eval_kwargs())
     metrics = evaluation.evaluate(model, queries(), params=result.state.params, collections=result.state.collections)
@@ -192,27 +188,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def quiet_logs() -> None:
-    """tljax's INFO lines on stderr, other libraries at WARNING (as experiments/finetune.py, whose flags this
-    module cannot import beside its own)."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("tljax").setLevel(logging.INFO)
-
-
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    quiet_logs()
-    if _CACHE.value:
-        from tljax import engine
-
-        engine.enable_compilation_cache(os.path.expanduser(_CACHE.value))
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or f"runs/{config.name or 'fewshot'}"
-    print(f"config {flags.FLAGS['config'].config_filename} -> {workdir}", flush=True)
+    config, workdir = cli.start(argv, "fewshot")
     results = run(config, workdir)
     print(table(results))
     print(json.dumps({"wall_seconds": results["wall_seconds"]}))
@@ -220,4 +197,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    cli.define_flags("experiments/configs/fewshot.py")
     app.run(main, argv=sys.argv)

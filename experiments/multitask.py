@@ -12,7 +12,6 @@ importable steps (tests build every argument of the config without training).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -20,16 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
+from experiments import cli
 from tljax import data, engine, multitask
 from tljax.job.build import make_inputs, make_schedule, model_folder
 from tljax.models import hub
-
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/multitask.py", "Config file (py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
-_SEEDS = flags.DEFINE_string("seeds", "", "Comma-separated seeds (default: the config's seed).")
 
 
 @dataclass
@@ -148,27 +143,9 @@ def summarize(runs: list[dict]) -> dict:
     return {"name": runs[0]["name"], "seeds": [r["seed"] for r in runs], "test_accuracy": out}
 
 
-def quiet_logs() -> None:
-    """tljax's INFO lines (plan, compile times) on stderr; other libraries at WARNING (as experiments.finetune)."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    ours = logging.getLogger("tljax")
-    ours.setLevel(logging.INFO)
-    ours.addHandler(handler)
-    ours.propagate = False
-
-
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    quiet_logs()
-    engine.enable_compilation_cache()
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value or f"runs/{config.name}")
-    seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()] or [config.seed]
+    config, workdir = cli.start(argv, "multitask")
+    workdir, seeds = Path(workdir), cli.seeds(config.seed)
     runs = []
     for seed in seeds:
         config.seed = seed
@@ -181,4 +158,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    cli.define_flags("experiments/configs/multitask.py", seeds=[])
     app.run(main, argv=sys.argv)

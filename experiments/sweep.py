@@ -47,7 +47,7 @@ def shard(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from experiments.finetune import quiet_logs
+    from experiments.cli import quiet_logs
     from tljax import sweep
 
     quiet_logs()  # each run's plan and compile times on stderr, as experiments.finetune prints them

@@ -104,3 +104,20 @@ def test_bench_fsdp_quick_shards_the_state(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     ratio = next(r for r in rows if r["metric"] == "fsdp_over_data_device_bytes")
     assert ratio["value"] == pytest.approx(1 / 8, rel=0.05)
+
+
+def test_every_entry_point_imports_into_one_process_and_parses_its_flags():
+    """Entry points define their absl flags only when run: importing finetune, adapt, multitask and fewshot into one
+    process used to fail (`--config` defined twice), which broke any test or notebook that used two of them."""
+    import importlib
+    import subprocess
+    import sys
+
+    names = ("finetune", "adapt", "multitask", "fewshot", "sweep", "predict", "transferability")
+    for name in names:
+        importlib.import_module(f"experiments.{name}")
+    for name in ("finetune", "adapt", "multitask", "fewshot"):
+        out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--helpshort"], cwd=ROOT,
+                             capture_output=True, text=True).stdout  # fmt: skip (absl's help exits with 1)
+        assert "--config" in out and "--workdir" in out and "--compilation_cache" in out, name
+        assert ("--seeds" in out) == (name in ("adapt", "multitask")), name
