@@ -26,6 +26,7 @@ import optax
 import optax.tree_utils as otu
 
 from tljax.features import Features
+from tljax.models.dropout import Dropout
 
 DEFAULT_L2_GRID = tuple(float(v) for v in np.logspace(-6, 2, 9))  # lambda of `logistic_regression`, 1e-6 .. 1e2
 METRICS = ("cosine", "euclidean")
@@ -224,7 +225,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, z, *, train: bool = False):
         h = nn.gelu(nn.Dense(self.hidden, name="hidden")(z))
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         return nn.Dense(self.num_classes, name="out")(h)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from tljax import freezing
 from tljax.losses import model_inputs
+from tljax.models.dropout import Dropout
 from tljax.models.heads import WithHead
 from tljax.partition import TRAIN
 
@@ -42,7 +43,7 @@ class DomainClassifier(nn.Module):
         x = features
         for i, width in enumerate(self.hidden):
             x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
-            x = nn.Dropout(self.dropout)(x, deterministic=not train)
+            x = Dropout(self.dropout)(x, deterministic=not train)
         return nn.Dense(1, name="out")(x)[..., 0]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from tljax.models import layers
 from tljax.models.convert import HfClassifier, KeyMap, KeyRule, dense_rules, norm_rules
+from tljax.models.dropout import Dropout
 
 MODEL_TYPES = ("bert", "roberta")
 PREFIXES = ("bert.", "roberta.")  # base-model prefixes of *ForXxx checkpoints
@@ -92,7 +93,7 @@ class BertModel(nn.Module):
             name="embeddings",
             **kw,
         )(input_ids, token_type_ids, position_ids)
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = Dropout(self.dropout)(x, deterministic=not train)
         encoder = layers.encoder(
             self.num_layers,
             self.num_heads,

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tljax.models.dropout import Dropout
+
 POOLINGS = ("cls", "mean", "pooler", "spatial_mean")
 
 
@@ -58,10 +60,10 @@ class ClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, features, *, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Dropout(self.dropout)(features, deterministic=not train)
+        x = Dropout(self.dropout)(features, deterministic=not train)
         if self.hidden:
             x = jnp.tanh(nn.Dense(self.hidden, name="hidden", **kw)(x))
-            x = nn.Dropout(self.dropout)(x, deterministic=not train)
+            x = Dropout(self.dropout)(x, deterministic=not train)
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros_init(), name="out", **kw)(x)
 
 

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tljax.models.dropout import Dropout
+
 Dtype = jnp.dtype
 
 
@@ -136,7 +138,7 @@ class Attention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        probs = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=False)
+        probs = Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=False)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
@@ -179,7 +181,7 @@ class Block(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: nn.LayerNorm(epsilon=self.eps, name=name, **kw)
         det = not train
-        drop = lambda y: DropPath(self.drop_path)(nn.Dropout(self.dropout)(y, deterministic=det), deterministic=det)
+        drop = lambda y: DropPath(self.drop_path)(Dropout(self.dropout)(y, deterministic=det), deterministic=det)
         attn = Attention(self.num_heads, self.attention_dropout, name="attention", **kw)
         mlp = Mlp(self.mlp_dim, self.act, name="mlp", **kw)
         if self.pre_norm:

@@ -24,6 +24,7 @@ import numpy as np
 
 from tljax.models import layers
 from tljax.models.convert import CONV, HfClassifier, KeyMap, KeyRule, dense_rules, norm_rules
+from tljax.models.dropout import Dropout
 
 MODEL_TYPES = ("vit",)
 PREFIXES = ("vit.",)  # base-model prefix of ViTForImageClassification / ViTForMaskedImageModeling checkpoints
@@ -164,7 +165,7 @@ class ViTModel(nn.Module):
             name="embeddings",
             **kw,
         )(pixel_values, interpolate_pos_encoding)
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = Dropout(self.dropout)(x, deterministic=not train)
         encoder = layers.encoder(
             self.num_layers,
             self.num_heads,

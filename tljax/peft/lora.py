@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tljax.models.dropout import bernoulli
 from tljax.peft.core import Method, match_kernels
 
 # the original paper's choice: the query and value projections of every attention block
@@ -31,7 +32,7 @@ def dropout(module: nn.Module, x, rate: float, train: bool):
     """Inverted dropout drawn from the module's 'dropout' stream (a method hook cannot create an `nn.Dropout`)."""
     if not train or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    keep = bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
