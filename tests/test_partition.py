@@ -96,7 +96,10 @@ def test_sgd_update_is_minus_group_lr_times_grad(clf, batch):
             assert np.array_equal(p1, p0)
 
 
-def test_frozen_params_cost_no_backward_flops(clf, batch):
+def test_frozen_params_cost_no_backward_flops(tiny_bert_dir, batch):
+    # Without dropout: XLA counts the mask hash's integer ops as flops, which swamp a tiny model's matmuls.
+    clf = tm.load_pretrained(tiny_bert_dir, num_classes=3, pooling="pooler", dropout=0.0, attention_dropout=0.0)
+
     def flops(rule_list):
         part = P.build(clf.params, rule_list, learning_rate=1e-3)
         state = init_state(clf.params, part.tx)
