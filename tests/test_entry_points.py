@@ -117,7 +117,8 @@ def test_every_entry_point_imports_into_one_process_and_parses_its_flags():
     for name in names:
         importlib.import_module(f"experiments.{name}")
     for name in ("finetune", "adapt", "multitask", "fewshot"):
-        out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--helpshort"], cwd=ROOT,
-                             capture_output=True, text=True).stdout  # fmt: skip (absl's help exits with 1)
+        out = subprocess.run(
+            [sys.executable, "-m", f"experiments.{name}", "--helpshort"], cwd=ROOT, capture_output=True, text=True
+        ).stdout  # fmt: skip (absl's help exits with 1)
         assert "--config" in out and "--workdir" in out and "--compilation_cache" in out, name
         assert ("--seeds" in out) == (name in ("adapt", "multitask")), name

@@ -95,6 +95,9 @@ class EngineConfig:
       early_stopping: an `EarlyStopping` (or None); it sets `checkpoint.best_metric` to its metric when unset.
       prefix_cache: a `PrefixCache` (or None): phases that freeze the bottom blocks train the top from their
         cached outputs (`tljax.prefix_cache`; needs a `TrainData` without augmentation).
+      compiler_options: XLA options for compiling the train step (`parallel.compiler_options`): None takes
+        tljax's defaults for the platform (on CPU, memory-optimised scheduling, without which XLA:CPU keeps
+        activations gradient checkpointing meant to drop); {} takes XLA's own defaults.
       regularizer: a penalty toward the starting model, as a config dict (`regularizers.check_config`:
         `{"name": "l2_sp", "alpha": 0.01, "beta": 0.01}`, `{"name": "delta", "alpha": 0.01, "layers": [-1]}`) or a
         resolved `regularizers.L2SP` / `Delta`; None: no penalty. Metrics gain `reg_loss`; `loss` stays the task's.
@@ -117,6 +120,7 @@ class EngineConfig:
     early_stopping: EarlyStopping | None = None
     prefix_cache: PrefixCache | None = None
     regularizer: Mapping[str, Any] | regularizers.Regularizer | None = None
+    compiler_options: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         self._check_regularizer()
@@ -539,7 +543,7 @@ class _Run:
             prefix_block=prefix.block if prefix else None,
             regularizer=self.regularizer,
         )
-        step_fn = self.place.compile(factory, state, batch)
+        step_fn = self.place.compile(factory, state, batch, self.config.compiler_options)
         compile_s = step_fn.compile_seconds
         log.info(
             "phase %d (%s): steps %d-%d, %s trainable, compiled in %.2fs",

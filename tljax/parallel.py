@@ -24,6 +24,21 @@ MODES = ("data", "fsdp", "pmap")
 FSDP_MIN_SIZE = 2**12  # arrays smaller than this stay replicated: sharding them costs more than it saves
 
 
+# XLA:CPU's default scheduler orders a step for concurrency, keeping activations alive far longer than needed: it
+# undoes gradient checkpointing entirely. Memory-optimised scheduling costs no step time on CPU (measured on MiniLM-L6
+# at 32 x 128, alternated in one process) and shrinks the step's memory: full fine-tuning 1,716 -> 1,468 MB, LoRA with
+# remat="block" 1,257 -> 582 MB. GPUs and TPUs schedule for memory already.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options(options: Mapping | None = None) -> dict | None:
+    """The XLA options a training step compiles with: `options` as given ({}: XLA's own defaults), or for None
+    tljax's defaults for the platform (`CPU_COMPILER_OPTIONS` on CPU, none elsewhere)."""
+    if options is not None:
+        return dict(options) or None
+    return dict(CPU_COMPILER_OPTIONS) if jax.devices()[0].platform == "cpu" else None
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown parallel mode {mode!r}; choose one of {MODES}")
@@ -148,12 +163,12 @@ class Placement:
         """This process's rows -> the global batch as the step takes it."""
         return pmap_batch(local) if self.mode == "pmap" else global_batch(local, self.mesh)
 
-    def compile(self, step_fn_factory, state, batch) -> StepByShape:
+    def compile(self, step_fn_factory, state, batch, options: Mapping | None = None) -> StepByShape:
         """`step_fn_factory(axis_name)` compiled for this state and batch now (so compile time is measured), and
-        for other batch shapes (text length buckets) when they first come."""
+        for other batch shapes (text length buckets) when they first come; `options`: see `compiler_options`."""
         if self.mode == "pmap":
             pmapped = jax.pmap(step_fn_factory("batch"), axis_name="batch", donate_argnums=0)
-            step = StepByShape(pmapped.lower)
+            step = StepByShape(pmapped.lower, options=options)
         else:
             shardings = self.shardings(state)
             batch_sh = jax.tree.map(lambda _: batch_sharding(self.mesh), batch)
@@ -163,7 +178,7 @@ class Placement:
                 out_shardings=(shardings, replicated(self.mesh)),
                 donate_argnums=0,
             )
-            step = StepByShape(jitted.lower)
+            step = StepByShape(jitted.lower, options=options)
         step.prepare(state, batch)
         return step
 
@@ -188,10 +203,11 @@ class StepByShape:
 
     Ahead-of-time compilation makes compile time measurable and never hides a recompile: each new shape is logged
     with its compile time. `batch_arg` is the position of the batch among the step's arguments (the others keep
-    their shapes)."""
+    their shapes); `options`: XLA compiler options (`compiler_options`: None means tljax's platform defaults)."""
 
-    def __init__(self, lower, batch_arg: int = 1):
+    def __init__(self, lower, batch_arg: int = 1, options: Mapping | None = None):
         self.lower, self.batch_arg = lower, batch_arg
+        self.options = compiler_options(options)
         self.compiled: dict = {}
         self.compile_seconds = 0.0
 
@@ -204,7 +220,7 @@ class StepByShape:
         key = self._key(args[self.batch_arg])
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self.lower(*args).compile()
+            self.compiled[key] = self.lower(*args).compile(compiler_options=self.options)
             seconds = time.perf_counter() - t0
             self.compile_seconds += seconds
             if len(self.compiled) > 1:

@@ -11,6 +11,7 @@ from experiments.bench.common import emit, setup, time_fn
 from tljax import partition as P
 from tljax import peft, rules, task
 from tljax.losses import model_inputs
+from tljax.parallel import compiler_options
 from tljax.step import init_state, make_train_step
 
 
@@ -24,7 +25,7 @@ def _measure_step(loaded, rule_list, batch, reps) -> dict:
     part = P.build(loaded.params, rule_list, learning_rate=1e-4, weight_decay=0.01, unused=unused)
     step = jax.jit(make_train_step(loaded.model, part), donate_argnums=0)
     state = init_state(jax.tree.map(jnp.copy, loaded.params), part.tx)  # the step donates its state
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(compiler_options=compiler_options())  # as engine.fit does
     flops = compiled.cost_analysis().get("flops", float("nan"))
     holder = {"state": state}
 

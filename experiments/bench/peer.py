@@ -131,10 +131,12 @@ def jax_compile(loaded, part, batch):
     """The jitted `make_train_step` (state donated) compiled for this batch's shapes; allocates no state."""
     import jax
 
+    from tljax.parallel import compiler_options
     from tljax.step import make_train_step
 
     abstract = jax.eval_shape(lambda: fresh_state(loaded, part))
-    return jax.jit(make_train_step(loaded.model, part), donate_argnums=0).lower(abstract, batch).compile()
+    lowered = jax.jit(make_train_step(loaded.model, part), donate_argnums=0).lower(abstract, batch)
+    return lowered.compile(compiler_options=compiler_options())  # as engine.fit compiles it
 
 
 def jax_step(loaded, mode: str, batch):

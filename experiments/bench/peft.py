@@ -36,6 +36,7 @@ VARIANTS = {  # name: (PEFT methods, rule set, remat policy)
 def measure(variant: str, quick: bool) -> dict:
     """One variant in this process: its step time and memory."""
     from tljax import partition, peft, rules, task
+    from tljax.parallel import compiler_options
     from tljax.step import init_state, make_train_step
 
     methods, rule_set, remat = VARIANTS[variant]
@@ -46,7 +47,7 @@ def measure(variant: str, quick: bool) -> dict:
     part = partition.build(loaded.params, rules.get(rule_set, loaded), learning_rate=1e-4, unused=unused)
     step = jax.jit(make_train_step(loaded.model, part), donate_argnums=0)
     fresh = lambda: init_state(jax.tree.map(jnp.copy, loaded.params), part.tx)  # the step donates its state
-    compiled = step.lower(jax.eval_shape(fresh), batch).compile()
+    compiled = step.lower(jax.eval_shape(fresh), batch).compile(compiler_options=compiler_options())
     jax.block_until_ready(loaded.params)
     reset_peak_rss()
     base_rss = status_mb("VmRSS")  # the process with the model loaded and the step compiled
