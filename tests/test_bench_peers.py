@@ -92,3 +92,25 @@ def test_largest_batch_brackets_the_boundary():
         assert len(calls) <= 2 * math.log2(boundary + 1) + 2
     assert memory.largest_batch(lambda b: True, 4, 50) == (32, True)
     assert memory.largest_batch(lambda b: False, 1, 50) == (0, False)
+
+
+QUICK_METRICS = {  # every other benchmark's --quick run: the metrics its README figures come from
+    "pipeline": {("pipeline/text", "pipeline_over_step"), ("pipeline/image", "pipeline_over_step")},
+    "probe_cache": {("probe_cache", "cached_probe_speedup")},
+    "vmap_seeds": {("vmap_seeds", "vmap_seeds_speedup"), ("vmap_seeds", "final_loss_max_abs_diff")},
+    "prefix_cache": {("prefix_cache/top_1", "prefix_cache_speedup_top1"),
+                     ("prefix_cache/top_3", "prefix_cache_speedup_top3")},
+    "peft": {("peft/lora_r8", "lora_over_full_memory"), ("peft/lora_r8", "lora_over_full_step"),
+             ("peft/lora_r8", "lora_over_full_memory_remat"), ("peft/lora_r8_remat", "lora_remat_over_full_memory")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(QUICK_METRICS))  # not `benchmark`: pytest-benchmark's fixture name
+def test_every_other_benchmark_quick_prints_its_metrics(name):
+    rows = _bench(name, "--quick")
+    assert QUICK_METRICS[name] <= set(rows)
+    if name == "vmap_seeds":  # K runs in one program train what K engine.fit runs train
+        assert rows[("vmap_seeds", "final_loss_max_abs_diff")]["value"] < 1e-5
+    if name == "peft":  # LoRA keeps optimizer state for its factors only
+        opt = lambda v: rows[(f"peft/{v}", "opt_state_mb")]["value"]
+        assert opt("lora_r8") < 0.1 * opt("full") and opt("head_only") < opt("lora_r8")

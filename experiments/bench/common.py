@@ -79,10 +79,13 @@ def token_batch(batch: int, seq: int, vocab: int, classes: int) -> dict:
     }
 
 
-def setup(quick: bool, **family_options):
-    """The benchmark model (real MiniLM-L6, batch 32 x 128; tiny random BERT with --quick), a batch, and the
-    fields every JSON line carries. `family_options` go to the family's build (e.g. `remat="block"`)."""
-    folder, batch_size, seq = (tiny_bert_dir(), 8, 32) if quick else (str(minilm_path()), 32, 128)
+def setup(quick: bool, folder: str | None = None, **family_options):
+    """The benchmark model (real MiniLM-L6, batch 32 x 128; tiny random BERT with --quick, from `folder` if given),
+    a batch, and the fields every JSON line carries. `family_options` go to the family's build (`remat="block"`)."""
+    if quick:
+        folder, batch_size, seq = folder or tiny_bert_dir(), 8, 32
+    else:
+        folder, batch_size, seq = str(minilm_path()), 32, 128
     loaded = tm.load_pretrained(folder, num_classes=4, pooling="mean", **family_options)
     batch = token_batch(batch_size, seq, loaded.hf_config.vocab_size, 4)
     common = {

@@ -8,6 +8,8 @@ temporaries: parameters, optimizer state, gradients and activations). `lora_over
 `lora_over_full_step` are LoRA's ratios to full fine-tuning; `..._remat` the same with gradient checkpointing of every
 block (`remat="block"` on both sides): activations kept for the backward pass dominate both at 32 x 128, and LoRA
 saves only what full fine-tuning spends on gradients and optimizer state unless they are recomputed.
+`lora_remat_over_full_memory`: LoRA with remat (the memory-saving recipe) against full fine-tuning as it runs by
+default. Steps compile as `engine.fit` compiles them (`parallel.compiler_options`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from experiments.bench.common import emit, reset_peak_rss, setup, status_mb, time_fn, xla_step_bytes
+from experiments.bench.common import emit, reset_peak_rss, setup, status_mb, time_fn, tiny_bert_dir, xla_step_bytes
 
 LORA = [{"method": "lora", "rank": 8, "alpha": 16}]
 VARIANTS = {  # name: (PEFT methods, rule set, remat policy)
@@ -33,14 +35,14 @@ VARIANTS = {  # name: (PEFT methods, rule set, remat policy)
 }
 
 
-def measure(variant: str, quick: bool) -> dict:
-    """One variant in this process: its step time and memory."""
+def measure(variant: str, quick: bool, folder: str | None = None) -> dict:
+    """One variant in this process: its step time and memory (--quick: the tiny BERT in `folder`)."""
     from tljax import partition, peft, rules, task
     from tljax.parallel import compiler_options
     from tljax.step import init_state, make_train_step
 
     methods, rule_set, remat = VARIANTS[variant]
-    loaded, batch, common = setup(quick, remat=remat)
+    loaded, batch, common = setup(quick, folder, remat=remat)
     if methods:
         loaded = peft.apply(loaded, [peft.from_config(m) for m in methods])
     unused = task.unused_params(loaded.model, loaded.params, batch)
@@ -74,8 +76,9 @@ def measure(variant: str, quick: bool) -> dict:
 
 def run(quick: bool) -> list[dict]:
     results = {}
+    quick_args = ["--quick", tiny_bert_dir()] if quick else []  # one tiny checkpoint for every variant
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "experiments.bench.peft", variant] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", "experiments.bench.peft", variant, *quick_args]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
         results[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
@@ -91,6 +94,12 @@ def run(quick: bool) -> list[dict]:
         memory = lora["peak_mb"] / full["peak_mb"]
         rows.append(emit("peft/lora_r8", "lora_over_full_memory" + suffix, memory, target="<= 0.7", **ratios, **common))
         rows.append(emit("peft/lora_r8", "lora_over_full_step" + suffix, lora["step_ms"] / full["step_ms"], **common))
+    # LoRA as a memory-saving recipe (with gradient checkpointing) against full fine-tuning as it runs by default
+    full, lora = results["full"], results["lora_r8_remat"]
+    common = {k: full[k] for k in ("model", "batch", "seq", "device")}
+    rows.append(emit("peft/lora_r8_remat", "lora_remat_over_full_memory", lora["peak_mb"] / full["peak_mb"],
+                     target="<= 0.7", train_ratio=lora["train_mb"] / full["train_mb"],
+                     xla_ratio=lora["xla_step_mb"] / full["xla_step_mb"], **common))  # fmt: skip
     remat = results["full_remat"]["xla_step_mb"] / results["full"]["xla_step_mb"]
     rows.append(emit("peft/full", "remat_over_none_xla_memory", remat, **common))
     rows.append(emit("peft/full", "remat_over_none_step", results["full_remat"]["step_ms"] / results["full"]["step_ms"],
@@ -99,4 +108,5 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":  # one variant, in its own process (run() starts these)
-    print(json.dumps(measure(sys.argv[1], "--quick" in sys.argv)))
+    _quick = "--quick" in sys.argv
+    print(json.dumps(measure(sys.argv[1], _quick, sys.argv[sys.argv.index("--quick") + 1] if _quick else None)))
