@@ -40,6 +40,7 @@ def test_mfu_quick_is_xla_flops_over_time_over_peak():
     assert at("xla_over_6nt") == pytest.approx(at("xla_flops_per_step") / at("six_n_tokens_flops"))
     # a transformer step is ~6NT multiply-adds plus attention scores and elementwise work: not 3x off either way
     assert 0.9 < at("xla_over_6nt_plus_attention") <= at("xla_over_6nt") < 2.0
+    assert at("xla_flops_with_dropout") > at("xla_flops_per_step")  # the mask hash's integer ops: not model FLOPs
     # tiny-bert: 4 layers of 4*64*64 + 4*64 (attention) + 2*64*256 + 256 + 64 (MLP) + 4*64 (norms), pooler, head
     layer = 4 * 64 * 64 + 4 * 64 + 2 * 64 * 256 + 256 + 64 + 4 * 64
     n = 4 * layer + 2 * 64 + (64 * 64 + 64) + (64 * 4 + 4)  # + embedding norm, pooler, head

@@ -74,6 +74,12 @@ def test_every_peft_config_and_sweep_point_builds(hub_cache):
         method = point.values["method"]
         assert kinds == ([] if method in ("bitfit", "lp_ft", "full") else [method.split("_")[0]])
         assert freezing.get(config.schedule.name, built.loaded, **config.schedule.args.to_dict()).total_steps() == 230
+    chosen = sweep.load_config("experiments/configs/sweeps/peft.py:seeds=1+2,methods=lora_r4+prompt")
+    assert [tuple(p.values.values()) for p in sweep.points(chosen)] == [
+        ("lora_r4", 1), ("lora_r4", 2), ("prompt", 1), ("prompt", 2)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown methods"):
+        sweep.load_config("experiments/configs/sweeps/peft.py:methods=lora_r5")
 
 
 def test_regularizer_configs_reach_the_engine(hub_cache):

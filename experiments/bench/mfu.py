@@ -1,10 +1,12 @@
 """`mfu`: model FLOPs utilisation of full fine-tuning, against the device's peak measured in the same run.
 
 Peak: the best FLOP/s of a large jitted `jnp.matmul` (f32 on CPU, bf16 on an accelerator: the dtype the step
-computes in). Model FLOPs per step: XLA's cost analysis of the compiled train step (forward, backward, AdamW),
-cross-checked against the 6 * N * tokens rule (N: non-embedding parameters) and against 6 * N * tokens plus the
-attention-score term 6 * layers * positions * width per token (Kaplan et al. 2020); `xla_over_6nt` is their
-ratio. MFU = XLA FLOPs per step / step time / peak (`mfu_6nt`: with the 6NT count).
+computes in), at the best size, measured in three rounds alternating with the step's (medians of both). Model FLOPs
+per step: XLA's cost analysis of the train step (forward, backward, AdamW) compiled once more without dropout for
+the count (XLA counts the dropout-mask hash's integer operations as flops: `xla_flops_with_dropout`; the timed step
+keeps dropout on), cross-checked against the 6 * N * tokens rule (N: non-embedding parameters) and against
+6 * N * tokens plus the attention-score term 6 * layers * positions * width per token (Kaplan et al. 2020);
+`xla_over_6nt` is their ratio. MFU = XLA FLOPs per step / step time / peak (`mfu_6nt`: with the 6NT count).
 
     python -m experiments.bench mfu                    # real MiniLM-L6, batch 32 x 128
     python -m experiments.bench mfu --model bert-base  # any `bench peer` model
@@ -14,6 +16,7 @@ ratio. MFU = XLA FLOPs per step / step time / peak (`mfu_6nt`: with the 6NT coun
 from __future__ import annotations
 
 import re
+import statistics
 import tempfile
 
 import jax
@@ -26,15 +29,25 @@ from tljax import tree
 NOT_MATMUL = r"(/embedding$|position_embeddings$|cls_token$)"  # lookups and additions: no multiply-adds
 
 
+def matmul_flops(n: int, dtype, reps: int) -> float:
+    """FLOP/s of a jitted n x n @ n x n matmul (median of `reps`)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    return 2 * n**3 / time_fn(jax.jit(jnp.matmul), a, a, reps=reps)
+
+
 def peak_flops(sizes, dtype, reps: int) -> tuple[float, int]:
     """(best FLOP/s, its size) of an n x n @ n x n matmul over `sizes`."""
-    matmul = jax.jit(jnp.matmul)
-    best = (0.0, 0)
-    for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-        seconds = time_fn(matmul, a, a, reps=reps)
-        best = max(best, (2 * n**3 / seconds, n))
-    return best
+    return max((matmul_flops(n, dtype, reps), n) for n in sizes)
+
+
+def paired(step, peak, rounds: int, reps: int) -> tuple[float, float]:
+    """(median step seconds, median peak FLOP/s) over `rounds` rounds that each time the step and then the peak:
+    a shared or throttled CPU drifts by 20% over minutes, and the ratio must compare the same minutes."""
+    steps, peaks = [], []
+    for _ in range(rounds):
+        steps.append(time_fn(step, reps=reps))
+        peaks.append(peak())
+    return statistics.median(steps), statistics.median(peaks)
 
 
 def flop_estimates(loaded, s: dict) -> dict:
@@ -58,9 +71,8 @@ def run(quick: bool, model=None) -> list[dict]:
     dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
     sizes = (256, 512) if quick else ((1024, 2048) if device.platform == "cpu" else (4096, 8192))
     reps = 3 if quick else 5
-    peak, size = peak_flops(sizes, dtype, reps)
+    _, size = peak_flops(sizes, dtype, reps)
     common = {"device": device.device_kind, "platform": device.platform}
-    rows = [emit("mfu/peak", "peak_flops_per_s", peak, dtype=jnp.dtype(dtype).name, matmul_size=size, **common)]
     with tempfile.TemporaryDirectory(prefix="tljax-mfu-") as folder:
         s = peer.checkpoints([name], folder)[name]
         loaded = peer.jax_load(s)
@@ -72,8 +84,12 @@ def run(quick: bool, model=None) -> list[dict]:
             holder["state"], metrics = compiled(holder["state"], batch)
             return metrics["loss"]
 
-        seconds = time_fn(step, reps=reps)
-    xla = compiled.cost_analysis().get("flops", float("nan"))
+        seconds, peak = paired(step, lambda: matmul_flops(size, dtype, reps), 1 if quick else 3, reps)
+        no_dropout = peer.jax_load(s, dropout=0.0, attention_dropout=0.0)  # the model FLOPs: compiled, not run
+        xla = peer.jax_compile(no_dropout, peer.jax_partition(no_dropout, "full", batch), batch).cost_analysis()
+    rows = [emit("mfu/peak", "peak_flops_per_s", peak, dtype=jnp.dtype(dtype).name, matmul_size=size, **common)]
+    with_dropout = compiled.cost_analysis().get("flops", float("nan"))
+    xla = xla.get("flops", float("nan"))
     est = flop_estimates(loaded, s)
     with_attention = est["six_n_tokens"] + est["attention"]
     common.update(model=name, batch=s["batch"], tokens=est["tokens"], params=part.count(True))
@@ -81,6 +97,7 @@ def run(quick: bool, model=None) -> list[dict]:
     rows += [
         emit(where, "step_ms", 1e3 * seconds, **common),
         emit(where, "xla_flops_per_step", xla, **common),
+        emit(where, "xla_flops_with_dropout", with_dropout, **common),
         emit(
             where, "six_n_tokens_flops", est["six_n_tokens"], non_embedding_params=est["non_embedding_params"], **common
         ),  # fmt: skip

@@ -90,8 +90,9 @@ def checkpoints(names, folder: str) -> dict[str, dict]:
 # --- the tljax worker -------------------------------------------------------------------------------------------
 
 
-def jax_load(s: dict):
-    """`load_pretrained` on the spec's folder with a classification head; bf16 compute on an accelerator."""
+def jax_load(s: dict, **options):
+    """`load_pretrained` on the spec's folder with a classification head; bf16 compute on an accelerator;
+    `options`: family options (`dropout=0.0`, ...)."""
     import jax
 
     import tljax.models as tm
@@ -99,7 +100,7 @@ def jax_load(s: dict):
     accelerator = jax.devices()[0].platform != "cpu"
     return tm.load_pretrained(
         s["folder"], num_classes=s["classes"], pooling="pooler" if s["kind"] == "text" else "cls",
-        dtype="bfloat16" if accelerator else "float32", param_dtype="float32",
+        dtype="bfloat16" if accelerator else "float32", param_dtype="float32", **options,
     )  # fmt: skip
 
 
