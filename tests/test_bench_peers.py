@@ -37,6 +37,8 @@ def test_mfu_quick_is_xla_flops_over_time_over_peak():
     at = lambda m: rows[("mfu/tiny-bert/full", m)]["value"]
     peak = rows[("mfu/peak", "peak_flops_per_s")]["value"]
     assert at("mfu") == pytest.approx(at("xla_flops_per_step") / (at("step_ms") / 1e3) / peak)
+    best = rows[("mfu/peak", "best_peak_flops_per_s")]["value"]
+    assert best >= peak and at("mfu_best_peak") == pytest.approx(at("mfu") * peak / best)
     assert at("xla_over_6nt") == pytest.approx(at("xla_flops_per_step") / at("six_n_tokens_flops"))
     # a transformer step is ~6NT multiply-adds plus attention scores and elementwise work: not 3x off either way
     assert 0.9 < at("xla_over_6nt_plus_attention") <= at("xla_over_6nt") < 2.0

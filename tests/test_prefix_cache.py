@@ -15,7 +15,10 @@ from tljax.partition import build
 from tljax.prefix_cache import PrefixCache
 
 BUCKETS = (8, 16)
-ATOL = 2e-5  # two compilations of the same math (the cached one without the prefix): float32 rounding only
+# Two compilations of the same math (the cached one without the prefix): float32 rounding only, which AdamW at lr
+# 1e-2 amplifies. Bitwise equal (0.0) on one host device; with 8 fake devices (the suite's XLA_FLAGS) XLA:CPU splits
+# its work differently and the worst parameter differs by 1.7e-5 (jax.nn.dot_product_attention) / 2.7e-5 (attend).
+ATOL = 5e-5
 
 
 @pytest.fixture(scope="module")
