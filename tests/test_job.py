@@ -80,6 +80,8 @@ def test_every_peft_config_and_sweep_point_builds(hub_cache):
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown methods"):
         sweep.load_config("experiments/configs/sweeps/peft.py:methods=lora_r5")
+    with pytest.raises(ValueError, match="seeds are non-negative integers"):
+        sweep.load_config("experiments/configs/sweeps/peft.py:seeds=one+2")
 
 
 def test_regularizer_configs_reach_the_engine(hub_cache):

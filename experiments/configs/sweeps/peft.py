@@ -45,6 +45,8 @@ def get_config(arg=None):
             if key not in ("seeds", "methods") or not value:
                 raise ValueError(f"peft.py:{arg}: expected N or seeds=A+B,methods=X+Y; got {item!r}")
             if key == "seeds":
+                if not all(v.isdigit() for v in value.split("+")):
+                    raise ValueError(f"peft.py:{arg}: seeds are non-negative integers joined by '+', got {value!r}")
                 seeds = [int(v) for v in value.split("+")]
             else:
                 methods = value.split("+")
