@@ -4,6 +4,7 @@ candidate's frozen features on the target's train split, checked against the acc
     python -m experiments.transferability --target wordnet_lexnames                 # MiniLM-L6, 6 layers x 2 poolings
     python -m experiments.transferability --target wordnet_lexnames --layers 1,3,5 --poolings mean --source ""
     python -m experiments.transferability --checkpoints sentence-transformers/all-MiniLM-L6-v2,bert-base-uncased
+    python -m experiments.transferability --finetuned runs/sweeps/depth     # + the accuracy fine-tuning reaches
 
 Candidates are (checkpoint, layer, pooling) triples: every block's output of every checkpoint (`--layers all`),
 pooled each way `--poolings` lists; one forward pass per split and checkpoint serves every layer
@@ -19,8 +20,11 @@ turns the probe head off.
 
 Real transfer: per candidate, L2 logistic regression (`probes.logistic_regression`, strength chosen on validation)
 on the target train features, accuracy on the test split; the JSON holds Kendall's tau and Spearman's rho of each
-score against it. Fine-tuning from each layer would be the stronger check and is not run here (minutes per layer on
-a CPU). Data settings (max length, eval batch size) are the default job's (experiments/configs/default.py).
+score against it. The stronger check is the accuracy fine-tuning reaches from each layer: `--finetuned DIR` reads a
+sweep of the fine-tuning job over `model.num_layers` (the checkpoint cut after block k, e.g.
+experiments/configs/sweeps/depth.py), averages its test accuracy over seeds per (checkpoint, layer, pooling), and
+ranks the candidates it covers against it (the probe accuracy included as one more predictor). Data settings (max
+length, eval batch size) are the default job's (experiments/configs/default.py).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--test_size", type=int, default=2000, help="target test examples for the probe accuracy")
     p.add_argument("--source_train_size", type=int, default=3000, help="source train examples for the probe head")
     p.add_argument("--accuracy", choices=("probe", "none"), default="probe", help="measure real transfer or not")
+    p.add_argument("--finetuned", type=lambda t: t.split(","), default=[],
+                   help="comma-separated sweep work directories of fine-tuning runs over model.num_layers")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON file (default: runs/transferability/<target>.json)")
     p.add_argument("--cache_dir", default="runs/transferability/features", help="feature cache folder")
     p.add_argument("--seed", type=int, default=0, help="subsampling seed")
@@ -187,6 +193,7 @@ def checkpoint_rows(name: str, target_cfg, source_splits, args: argparse.Namespa
         one = {k: v[i] for k, v in target.items()}
         src = {k: v[i] for k, v in source.items()} if source else None
         rows.append(candidate_row(label, one, head, src, accuracy=args.accuracy == "probe"))
+        rows[-1].update(checkpoint=name, blocks=features.num_blocks(loaded))
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -222,27 +229,71 @@ def rank_agreement(score: Mapping[str, float], accuracy: Mapping[str, float]) ->
             "spearman_rho": float(rho.statistic), "spearman_p": float(rho.pvalue)}  # fmt: skip
 
 
-def agreement(rows: list[dict]) -> dict:
-    """Kendall's tau / Spearman's rho of each score against the probe accuracy, over all candidates."""
-    if len(rows) < 3 or "probe_accuracy" not in rows[0]:
+def agreement(rows: list[dict], accuracy: str = "probe_accuracy", predictors: tuple = SCORE_KEYS) -> dict:
+    """Kendall's tau / Spearman's rho of each predictor (the scores) against `accuracy`, over the candidates that
+    have it."""
+    rows = [r for r in rows if accuracy in r]
+    if len(rows) < 3:
         return {}  # a ranking of fewer than 3 candidates says nothing
-    acc = {r["candidate"]: r["probe_accuracy"] for r in rows}
-    present = [k for k in SCORE_KEYS if k in rows[0]]
+    acc = {r["candidate"]: r[accuracy] for r in rows}
+    present = [k for k in predictors if all(k in r for r in rows)]
     return {k: rank_agreement({r["candidate"]: r[k] for r in rows}, acc) for k in present}
+
+
+def finetuned_accuracies(workdirs, target: str, metric: str = "test_accuracy") -> dict[tuple, list[float]]:
+    """{(checkpoint, layer, pooling): [metric of each finished run]} from sweeps of the fine-tuning job; layer is the
+    top kept block (`model.num_layers` - 1; None where the run kept all blocks). Runs on another target are an
+    error, failed / unfinished / stale runs are left out (the sweep's report lists them)."""
+    from tljax import sweep
+
+    out: dict[tuple, list[float]] = {}
+    for workdir in workdirs:
+        for run in sweep.read_runs(workdir):
+            if run.results is None or run.stale or run.value(metric) is None:
+                continue
+            config = run.results["config"]
+            source = config["data"]["train"].partition(":")[0]
+            if source != target:
+                raise ValueError(f"{run.folder} fine-tunes on {source!r}, not the target {target!r}")
+            model = config["model"]
+            if not model.get("pooling"):
+                raise ValueError(f"{run.folder}: model.pooling is unset; name it so the run matches a candidate")
+            key = (model["name"], model["num_layers"] - 1 if model.get("num_layers") else None, model["pooling"])
+            out.setdefault(key, []).append(run.value(metric))
+    if not out:
+        raise ValueError(f"no finished fine-tuning run in {list(workdirs)} (run the sweep first)")
+    return out
+
+
+def add_finetuned(rows: list[dict], found: Mapping[tuple, list[float]]) -> int:
+    """Adds `finetuned_accuracy` (mean over seeds), `finetuned_std` and `finetuned_runs` to the candidates a run
+    matches; returns how many matched."""
+    matched = 0
+    for r in rows:
+        keys = [(r["checkpoint"], r["layer"], r["pooling"])]
+        keys += [(r["checkpoint"], None, r["pooling"])] if r["layer"] == r["blocks"] - 1 else []  # all blocks kept
+        scores = [v for k in keys for v in found.get(k, [])]
+        if scores:
+            r.update(finetuned_accuracy=float(np.mean(scores)), finetuned_runs=len(scores),
+                     finetuned_std=float(np.std(scores, ddof=1)) if len(scores) > 1 else None)  # fmt: skip
+            matched += 1
+    return matched
 
 
 def format_row(r: dict) -> str:
     cells = [f"{r.get(k, float('nan')):>9.4f}" for k in SCORE_KEYS[:5]]
-    acc = r.get("probe_accuracy")
-    return f"{r['candidate']:<58} {' '.join(cells)} {'' if acc is None else format(acc, '9.4f')}"
+    acc = " ".join("" if r.get(k) is None else format(r[k], "9.4f") for k in ("probe_accuracy", "finetuned_accuracy"))
+    return f"{r['candidate']:<58} {' '.join(cells)} {acc}".rstrip()
 
 
-def format_table(rows: list[dict], agree: dict) -> str:
+def format_table(rows: list[dict], agree: dict, agree_finetuned: dict | None = None) -> str:
     head = f"{'candidate (by LogME)':<58} " + " ".join(f"{k:>9}" for k in SCORE_KEYS[:5]) + f" {'probe_acc':>9}"
+    head += f" {'ft_acc':>9}" if agree_finetuned else ""
     lines = [head] + [format_row(r) for r in sorted(rows, key=lambda r: -r["logme"])]
-    for k, a in agree.items():
-        lines.append(f"{k:<15} vs probe accuracy: Kendall tau {a['kendall_tau']:+.3f} (p {a['kendall_p']:.3f}), "
-                     f"Spearman rho {a['spearman_rho']:+.3f} (p {a['spearman_p']:.3f})")  # fmt: skip
+    for what, table in (("probe", agree), ("fine-tuned", agree_finetuned or {})):
+        for k, a in table.items():
+            lines.append(f"{k:<15} vs {what} accuracy: Kendall tau {a['kendall_tau']:+.3f} (p {a['kendall_p']:.3f}), "
+                         f"Spearman rho {a['spearman_rho']:+.3f} (p {a['spearman_p']:.3f})")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -258,12 +309,20 @@ def main(argv=None) -> int:
     rows = []
     for name in args.checkpoints or [MINILM_HUB_ID]:
         rows += checkpoint_rows(name, target_cfg, source, args)
-    agree = agreement(rows)
-    print(format_table(rows, agree))
+    agree, agree_ft = agreement(rows), {}
+    if args.finetuned:
+        found = finetuned_accuracies(args.finetuned, args.target)
+        if add_finetuned(rows, found) < 3:
+            candidates = sorted({(r["checkpoint"], r["layer"], r["pooling"]) for r in rows})
+            raise ValueError(f"fewer than 3 candidates have fine-tuned runs: the runs cover (checkpoint, top block, "
+                             f"pooling) {sorted(found, key=str)}; the candidates are {candidates}")  # fmt: skip
+        agree_ft = agreement(rows, "finetuned_accuracy", SCORE_KEYS + ("probe_accuracy",))
+    print(format_table(rows, agree, agree_ft))
     out = Path(args.out or f"runs/transferability/{args.target}.json")
     report = {"target": args.target, "source": args.source or None, "sizes": sizes,
               "source_train_size": args.source_train_size, "seed": args.seed, "candidates": rows,
-              "agreement_with_probe_accuracy": agree, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
+              "agreement_with_probe_accuracy": agree, "finetuned": args.finetuned,
+              "agreement_with_finetuned_accuracy": agree_ft, "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     engine.write_json_atomic(out, report)
     print(f"wrote {out}")
     return 0

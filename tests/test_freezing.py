@@ -145,6 +145,7 @@ BUILTINS = {
     ),
     "chain_thaw": ({"steps_per_stage": 1}, [HEAD, EMB, BLOCK, BLOCK, HEAD + 2 * BLOCK + POOLER + EMB]),
     "surgical": ({"block": 0, "steps": 1}, [HEAD + BLOCK]),
+    "top_k": ({"k": 1, "steps": 1}, [HEAD + BLOCK + POOLER]),
     "bitfit": ({"steps": 1}, None),
     "llrd": ({"steps": 1, "decay": 0.8}, [HEAD + 2 * BLOCK + POOLER + EMB]),
     "keras_recipe": ({"head_steps": 1, "finetune_steps": 1, "top_n": 1}, [HEAD, HEAD + BLOCK + POOLER]),

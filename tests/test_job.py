@@ -84,6 +84,29 @@ def test_every_peft_config_and_sweep_point_builds(hub_cache):
         sweep.load_config("experiments/configs/sweeps/peft.py:seeds=one+2")
 
 
+def test_depth_sweep_points_cut_the_checkpoint(hub_cache):
+    """sweeps/depth.py: the default job with model.num_layers = 1 .. 6; a point builds a model of that many blocks
+    (MiniLM-L6 from the offline package), one deeper than the checkpoint is a clear error."""
+    from tljax import sweep
+
+    spec = sweep.load_config("experiments/configs/sweeps/depth.py:1")
+    configs = [sweep.job_config(spec, p) for p in sweep.points(spec)]
+    assert [c.model.num_layers for c in configs] == [1, 2, 3, 4, 5, 6] and {c.seed for c in configs} == {0}
+    assert len(sweep.points(sweep.load_config("experiments/configs/sweeps/depth.py"))) == 18
+    config = configs[0]
+    config.data.update(dict(train_size=64, validation_size=32, test_size=32))
+    built = job.build(config)
+    assert built.loaded.hf_config.num_hidden_layers == 1 and list(built.loaded.params["backbone"]["encoder"]) == [
+        "layer_0"
+    ]
+    assert freezing.get("full", built.loaded, steps=1).total_steps() == 1
+    config.model.num_layers = 7
+    with pytest.raises(ValueError, match="the checkpoint has 6 blocks; keep 1 to 6"):
+        job.build(config)
+    with pytest.raises(ValueError, match="number of seeds"):
+        sweep.load_config("experiments/configs/sweeps/depth.py:two")
+
+
 def test_regularizer_configs_reach_the_engine(hub_cache):
     """engine.regularizer: name "" is off; each regulariser takes its own keys of the shared section."""
     config = config_of("default")

@@ -263,3 +263,48 @@ def test_sequences_longer_than_the_position_table_are_errors(tiny_bert_dir, tiny
     assert np.isfinite(
         roberta.model.apply(roberta.variables, input_ids=np.full((1, 62), 5, np.int32))["last_hidden_state"]
     ).all()
+
+
+def test_num_layers_keeps_the_first_blocks_like_transformers(tiny_bert_dir, tmp_path):
+    """load_pretrained(num_layers=n) = transformers' from_pretrained(num_hidden_layers=n): the same outputs, the
+    deeper block reported as ignored, and save_pretrained writes a consistent 1-block checkpoint."""
+    from transformers import BertModel
+
+    loaded = tm.load_pretrained(tiny_bert_dir, num_layers=1)
+    assert loaded.hf_config.num_hidden_layers == 1
+    assert tm.load_pretrained(tiny_bert_dir).hf_config.num_hidden_layers == 2  # the checkpoint's config untouched
+    assert len(loaded.report.ignored) == 16 and all(k.startswith("encoder.layer.1.") for k in loaded.report.ignored)
+    assert len(loaded.report.loaded) == 39 - 16
+    ids, mask = token_batch(3, 7)
+    ref = BertModel.from_pretrained(tiny_bert_dir, num_hidden_layers=1).eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+    got = loaded.model.apply(loaded.variables, input_ids=ids, attention_mask=mask)["last_hidden_state"]
+    assert max_abs_diff(got, want) <= 1e-5
+    with torch.no_grad():  # block 0's output inside the whole model: what feature extraction at layer 0 reads
+        whole = BertModel.from_pretrained(tiny_bert_dir).eval()
+        block0 = whole(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                       output_hidden_states=True).hidden_states[1]  # fmt: skip
+    assert max_abs_diff(got, block0) <= 1e-5
+    out = tm.save_pretrained(tmp_path / "shallow", loaded)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    again = tm.load_pretrained(out)
+    assert again.report.ignored == [] and max_abs_diff(again.model.apply(again.variables, input_ids=ids,
+                                                       attention_mask=mask)["last_hidden_state"], got) == 0  # fmt: skip
+    same = tm.load_pretrained(tiny_bert_dir, num_layers=2)
+    assert same.report.ignored == [] and len(same.report.loaded) == 39
+
+
+@pytest.mark.parametrize("n", [0, 3, -1, 1.0, True])
+def test_num_layers_out_of_range_is_clear(tiny_bert_dir, n):
+    with pytest.raises(ValueError, match=r"the checkpoint has 2 blocks; keep 1 to 2"):
+        tm.load_pretrained(tiny_bert_dir, num_layers=n)
+
+
+def test_num_layers_for_a_family_without_truncation_is_clear(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    ResNetModel(cfg).save_pretrained(tmp_path / "r")
+    with pytest.raises(ValueError, match=r"num_layers is not supported for model_type 'resnet'; it is for \[.*'bert'"):
+        tm.load_pretrained(tmp_path / "r", num_layers=1)

@@ -268,14 +268,14 @@ def test_evaluate_tasks_matches_the_multitask_outputs(mt):
         assert metrics[t]["loss"] == pytest.approx(mean_ce(np.asarray(out["logits"][t]), batch["labels"][:, k]), 1e-5)
 
 
-@pytest.mark.parametrize("arg", ["multi", "uncertainty", "uncertainty_equal", "single_examples"])
+@pytest.mark.parametrize("arg", ["multi", "uncertainty_equal", "single_examples", "single_lexnames_long"])
 def test_experiment_config_builds_without_training(arg, hub_cache):
     config = importlib.import_module("experiments.configs.multitask").get_config(arg)
     job = importlib.import_module("experiments.multitask").build(config)
     tasks = list(config.tasks)
     assert multitask.task_names(job.loaded) == tuple(tasks) == job.loss_fn.tasks
     assert job.loss_fn.uncertainty == arg.startswith("uncertainty")
-    assert job.schedule.lengths() == [160 if arg.endswith("_equal") else 80]  # _equal: twice the rows
+    assert job.schedule.lengths() == [160 if arg.endswith(("_equal", "_long")) else 80]  # twice the rows / steps
     batch = job.train_data.batch(0)
     assert batch["labels"].shape == (config.data.batch_size, len(tasks))
     assert batch["input_ids"].shape[1] in config.data.buckets

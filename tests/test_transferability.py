@@ -197,3 +197,56 @@ def test_agreement_and_table_of_rows():
     assert cmd.parse_layers("all", 3) == [0, 1, 2] and cmd.parse_layers("0,-1", 6) == [0, -1]
     with pytest.raises(ValueError, match="comma-separated ints"):
         cmd.parse_layers("first", 6)
+
+
+def _fake_run(workdir, name: str, num_layers: int, acc: float, train="wordnet_lexnames:train", pooling="mean"):
+    """A finished run folder as the sweep runner leaves it (point.json, config.json, results.json)."""
+    import json
+
+    folder = workdir / "runs" / name
+    folder.mkdir(parents=True)
+    config = {"model": {"name": "m", "num_layers": num_layers, "pooling": pooling}, "data": {"train": train}}
+    point = {"name": name, "values": {"depth": num_layers}, "overrides": {}, "folder": name}
+    (folder / "point.json").write_text(json.dumps(point))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "results.json").write_text(json.dumps({"config": config, "test_accuracy": acc, "status": "completed"}))
+
+
+def test_finetuned_accuracies_from_a_depth_sweep(tmp_path):
+    """--finetuned: a sweep's runs over model.num_layers average per (checkpoint, top block, pooling) and attach to
+    the candidates they match (num_layers 0 = every block = the last layer); the agreement is over those only."""
+    for i, (k, acc) in enumerate([(1, 0.60), (1, 0.62), (2, 0.70), (0, 0.66), (3, 0.66)]):
+        _fake_run(tmp_path / "sweep", f"run{i}", k, acc)
+    (tmp_path / "sweep" / "runs" / "broken").mkdir()  # unfinished: left out
+    (tmp_path / "sweep" / "runs" / "broken" / "point.json").write_text(
+        '{"name": "broken", "values": {"depth": 4}, "overrides": {}, "folder": "broken"}'
+    )
+    found = cmd.finetuned_accuracies([tmp_path / "sweep"], "wordnet_lexnames")
+    assert found == {("m", 0, "mean"): [0.60, 0.62], ("m", 1, "mean"): [0.70], ("m", None, "mean"): [0.66],
+                     ("m", 2, "mean"): [0.66]}  # fmt: skip
+    rows = [{"candidate": f"m/layer{i}/{p}", "checkpoint": "m", "layer": i, "pooling": p, "blocks": 3,
+             "logme": s, "h_score": -s, "probe_accuracy": 0.5 + s}
+            for i, (p, s) in enumerate([("mean", 0.1), ("mean", 0.3), ("mean", 0.2)])]  # fmt: skip
+    rows.append({**rows[0], "candidate": "m/layer0/cls", "pooling": "cls"})
+    assert cmd.add_finetuned(rows, found) == 3
+    assert rows[0]["finetuned_accuracy"] == pytest.approx(0.61) and rows[0]["finetuned_runs"] == 2
+    assert rows[0]["finetuned_std"] == pytest.approx(np.std([0.6, 0.62], ddof=1))
+    assert rows[2]["finetuned_accuracy"] == pytest.approx(0.66) and rows[2]["finetuned_runs"] == 2  # 3 and 0 (all)
+    assert rows[1]["finetuned_std"] is None and "finetuned_accuracy" not in rows[3]
+    agree = cmd.agreement(rows, "finetuned_accuracy", cmd.SCORE_KEYS + ("probe_accuracy",))
+    assert set(agree) == {"logme", "h_score", "probe_accuracy"}
+    assert agree["logme"]["kendall_tau"] == pytest.approx(1.0) and agree["h_score"]["spearman_rho"] == pytest.approx(-1)
+    assert "ft_acc" in cmd.format_table(rows, {}, agree).splitlines()[0]
+    _fake_run(tmp_path / "other", "run0", 1, 0.5, train="wordnet_examples:train")
+    with pytest.raises(ValueError, match="fine-tunes on 'wordnet_examples', not the target 'wordnet_lexnames'"):
+        cmd.finetuned_accuracies([tmp_path / "other"], "wordnet_lexnames")
+    _fake_run(tmp_path / "unpooled", "run0", 1, 0.5, pooling=None)
+    with pytest.raises(ValueError, match="model.pooling is unset"):
+        cmd.finetuned_accuracies([tmp_path / "unpooled"], "wordnet_lexnames")
+    (tmp_path / "sweep" / "runs" / "broken").rename(tmp_path / "broken")
+    (tmp_path / "unfinished" / "runs").mkdir(parents=True)
+    (tmp_path / "broken").rename(tmp_path / "unfinished" / "runs" / "broken")
+    with pytest.raises(ValueError, match="no finished fine-tuning run"):
+        cmd.finetuned_accuracies([tmp_path / "unfinished"], "wordnet_lexnames")
+    with pytest.raises(FileNotFoundError, match="not a sweep"):
+        cmd.finetuned_accuracies([tmp_path], "wordnet_lexnames")

@@ -296,6 +296,12 @@ def surgical(loaded, block: int, steps: int, lr=1e-4) -> FreezingSchedule:
     return FreezingSchedule((phase,), "surgical")
 
 
+def top_k(loaded, k: int, steps: int, lr=1e-4) -> FreezingSchedule:
+    """The top k blocks and the head train, the rest stays frozen (Yosinski et al. 2014's partial fine-tuning)."""
+    phase = Phase(steps, rules="top_k", rule_args={"k": k}, learning_rate=lr, name=f"top_{k}")
+    return FreezingSchedule((phase,), "top_k")
+
+
 def bitfit(loaded, steps: int, lr=1e-3) -> FreezingSchedule:
     return FreezingSchedule((Phase(steps, rules="bitfit", learning_rate=lr, name="bitfit"),), "bitfit")
 
@@ -331,7 +337,7 @@ def keras_recipe(loaded, head_steps: int, finetune_steps: int, lr=1e-3, top_n: i
 SCHEDULES: dict[str, Callable[..., FreezingSchedule]] = {
     "full": full, "linear_probe": linear_probe, "lp_ft": lp_ft, "gradual_unfreeze": gradual_unfreeze,
     "chain_thaw": chain_thaw, "surgical": surgical, "bitfit": bitfit, "llrd": llrd, "keras_recipe": keras_recipe,
-    "peft": peft, "peft_then_full": peft_then_full,
+    "peft": peft, "peft_then_full": peft_then_full, "top_k": top_k,
 }  # fmt: skip
 
 

@@ -71,9 +71,8 @@ def wordnet(c: ConfigDict) -> None:
     c.data.eval_batch_size = 256
     c.data.max_length = 32
     c.data.buckets = [32]
-    c.schedule.name = "custom"
-    c.schedule.phases = [{"steps": 300, "rules": "top_k", "rule_args": {"k": 2},
-                          "learning_rate": {"schedule": "cosine", "peak": 1e-3, "warmup_steps": 30}}]  # fmt: skip
+    c.schedule.name = "top_k"  # e.g. --config.schedule.args.lr.peak=3e-4
+    c.schedule.args = {"k": 2, "steps": 300, "lr": {"schedule": "cosine", "peak": 1e-3, "warmup_steps": 30}}
 
 
 PAIRS = {"fashion_mnist_c": fashion_mnist, "wordnet": wordnet}

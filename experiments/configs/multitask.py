@@ -5,6 +5,7 @@
     python -m experiments.multitask --config experiments/configs/multitask.py:single_examples --seeds 0,1,2
     python -m experiments.multitask --config experiments/configs/multitask.py:uncertainty --seeds 0,1,2
     python -m experiments.multitask --config experiments/configs/multitask.py:multi_equal --seeds 0,1,2
+    python -m experiments.multitask --config experiments/configs/multitask.py:single_lexnames_long --seeds 0,1,2
 
 Tasks (26 noun lexicographer classes each, one head per task): `lexnames` = a noun synset's definition ->
 its lexname (`wordnet_lexnames`, 8,000 training definitions subsampled, 600 test), `examples` = a usage sentence
@@ -13,7 +14,8 @@ subsamples). Two input distributions, one question: does sharing the backbone wi
 
 Arguments: `multi` (both heads, rows mixed by temperature sampling T=2, fixed loss weights 1), `uncertainty` (the
 same with learned loss weights, Kendall et al. 2018), `single_<task>` (one head, the same steps and batch size),
-`multi_equal` / `uncertainty_equal` (twice the steps: `lexnames` sees 75%, `examples` 125% of its single-task rows).
+`multi_equal` / `uncertainty_equal` (twice the steps: `lexnames` sees 75%, `examples` 125% of its single-task rows),
+`single_<task>_long` (one head, twice the steps: the second control, equal steps and compute to `multi_equal`).
 Budget (30-60 s a run on a quiet 2-core AVX-512 CPU): batch 32, sequences cut at 32 tokens, 80 steps with the top 2
 of 6 blocks (cosine, peak 3e-4, 8 warm-up steps) and the heads (10x that LR) training; the frozen bottom four
 blocks make the backward pass cheap. Test accuracy (mean over seeds 0-2, README): multi lexnames 0.681, examples
@@ -35,7 +37,13 @@ TASKS = {
     },
     "examples": {"train": "wordnet_examples:train", "test": "wordnet_examples:test", "train_size": 0, "test_size": 600},
 }
-ARGS = ("multi", "uncertainty", "multi_equal", "uncertainty_equal", *(f"single_{t}" for t in TASKS))
+ARGS = (
+    "multi",
+    "uncertainty",
+    "multi_equal",
+    "uncertainty_equal",
+    *(f"single_{t}{s}" for t in TASKS for s in ("", "_long")),
+)
 STEPS = 80
 
 
@@ -49,7 +57,7 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(
         {"name": MINILM_HUB_ID, "pooling": "mean", "head_hidden": 0, "head_dropout": 0.0}
     )
-    chosen = [arg.removeprefix("single_")] if arg.startswith("single_") else list(TASKS)
+    chosen = [arg.removeprefix("single_").removesuffix("_long")] if arg.startswith("single_") else list(TASKS)
     c.tasks = ml_collections.ConfigDict({t: TASKS[t] for t in chosen})
     # rows per task: "explicit" (weights), "proportional" (to the training sizes) or "temperature" (n^(1/T))
     c.mixing = ml_collections.ConfigDict({"how": "temperature", "temperature": 2.0, "weights": {}})
@@ -63,7 +71,8 @@ def get_config(arg=None):
     c.schedule.name = "top2"
     c.schedule.phases = [
         {
-            "steps": 2 * STEPS if arg.endswith("_equal") else STEPS,  # _equal: each task's rows as if alone
+            # _equal: each task's rows as if alone; _long: a single task for as many steps
+            "steps": 2 * STEPS if arg.endswith(("_equal", "_long")) else STEPS,
             "name": "top2",
             "learning_rate": {"schedule": "cosine", "peak": 3e-4, "warmup_steps": 8},
             "rules": [

@@ -213,15 +213,16 @@ def load_model(cfg, num_classes: int, seed: int = 0):
     common = dict(head=head, pooling=cfg.get("pooling"), dtype=cfg.get("dtype", "float32"),
                   param_dtype=cfg.get("param_dtype"), **dict(cfg.get("options") or {}))  # fmt: skip
     if from_scratch(cfg):
-        if cfg.get("name") or cfg.get("reinit"):
+        if cfg.get("name") or cfg.get("reinit") or cfg.get("num_layers"):
             raise ValueError(
-                "model.config trains a model from scratch: leave model.name and model.reinit empty (or drop "
-                "model.config to load a checkpoint)"
+                "model.config trains a model from scratch: leave model.name, model.reinit and model.num_layers empty "
+                "(depth is model.config's num_hidden_layers), or drop model.config to load a checkpoint"
             )
         return with_peft(tm.from_config(_plain(cfg.config), seed=seed, **common), cfg, seed)
     if not cfg.get("name"):
         raise ValueError("set model.name (a hub id or checkpoint folder) or model.config (an HF config dict)")
-    loaded = tm.load_pretrained(model_folder(cfg.name), reinit=list(cfg.get("reinit") or []), seed=seed, **common)
+    loaded = tm.load_pretrained(model_folder(cfg.name), reinit=list(cfg.get("reinit") or []), seed=seed,
+                                num_layers=cfg.get("num_layers") or None, **common)  # fmt: skip
     return with_peft(loaded, cfg, seed)
 
 

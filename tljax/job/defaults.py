@@ -17,6 +17,7 @@ def base_config() -> ConfigDict:
     c.model.reinit = []  # regexes of parameters to initialise fresh, e.g. [r"^head/"] for a checkpoint's own head
     c.model.dtype = "float32"  # compute dtype; "bfloat16" with param_dtype "float32" for mixed precision
     c.model.param_dtype = FieldReference(None, field_type=str)
+    c.model.num_layers = 0  # keep the first n blocks of the checkpoint (0: all), e.g. fine-tuning from a middle layer
     c.model.options = ConfigDict()  # family options, e.g. image_size for ViT / CLIP position resampling
     # instead of name: train from scratch, an HF config as a dict with model_type (tljax.models.from_config)
     c.model.config = ConfigDict()

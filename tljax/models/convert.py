@@ -62,9 +62,14 @@ class KeyMap:
                 out[path], source[path] = rule.transform.to_flax(np.asarray(value)), key
         return out, source
 
+    def flax_path(self, key: str) -> str | None:
+        """The flax path a torch key maps to (None: no rule maps it)."""
+        hit = _apply(self._torch, key, lambda r: r.flax)
+        return None if hit is None else hit[0]
+
     def unmapped(self, keys: Iterable[str]) -> list[str]:
         """Torch keys that no rule maps."""
-        return [k for k in keys if _apply(self._torch, k, lambda r: r.flax) is None]
+        return [k for k in keys if self.flax_path(k) is None]
 
     def to_torch(self, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Flax paths -> torch keys; a path no rule covers is an error (export must not drop weights)."""

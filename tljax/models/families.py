@@ -12,6 +12,7 @@ Each family module provides:
   feature_dim(hf_config), num_layers(hf_config)
   layer_id(path, n_layers) -> depth for layer-wise LR decay; block_regex(i) -> regex of block i's params
   adapt(converted, shapes, hf_config, prefix) -> {path: note}   optional shape adaptation (pos-emb resampling)
+  with_num_layers(hf_config, n) -> config of the first n blocks      optional: load_pretrained(num_layers=n)
 """
 
 from __future__ import annotations

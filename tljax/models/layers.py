@@ -11,6 +11,7 @@ checkpointing of each block, `REMAT_POLICIES`): the backward pass recomputes wha
 
 from __future__ import annotations
 
+import copy
 import functools
 import numbers
 from collections.abc import Callable
@@ -293,6 +294,13 @@ def padding_mask(attention_mask):
 
 def num_hidden_layers(hf_config) -> int:
     return hf_config.num_hidden_layers
+
+
+def with_num_hidden_layers(hf_config, n: int):
+    """A copy of the config with its first n blocks (what `from_pretrained(..., num_hidden_layers=n)` builds)."""
+    out = copy.deepcopy(hf_config)
+    out.num_hidden_layers = n
+    return out
 
 
 def hidden_size(hf_config) -> int:

@@ -86,6 +86,7 @@ def load_pretrained(
     revision: str | None = None,
     seed: int = 0,
     verbose: bool = False,
+    num_layers: int | None = None,
     **family_options,
 ) -> Pretrained:
     """Loads an HF checkpoint into a tljax linen model.
@@ -109,6 +110,9 @@ def load_pretrained(
       reinit: regexes over parameter paths to initialise fresh instead of loading (each must match).
       ignore: regexes over checkpoint keys to drop on purpose (each must match).
       allow_pickle: permit `pytorch_model.bin` (unpickling runs code; safetensors needs no opt-in).
+      num_layers: keep the first n blocks (transformers' `from_pretrained(..., num_hidden_layers=n)`): the deeper
+        blocks' tensors are reported as ignored and `hf_config` says n, so `save_pretrained` writes a consistent
+        shallower checkpoint. Fine-tuning from an intermediate layer; BERT-family and ViT.
       family_options: passed to the family's `build` (e.g. `image_size=384` for ViT).
 
     Returns:
@@ -119,6 +123,10 @@ def load_pretrained(
     fam = families.family(raw_config.get("model_type"))
     hf_config = _hf_config(folder)
     state_dict = _normalise_keys(hub.read_state_dict(folder, allow_pickle=allow_pickle), fam.PREFIXES)
+    dropped = []
+    if num_layers is not None:
+        hf_config, dropped = keep_blocks(fam, hf_config, state_dict, num_layers)
+        state_dict = {k: v for k, v in state_dict.items() if k not in set(dropped)}
     reinit_res, ignore_res = _compile("reinit", reinit), _compile("ignore", ignore)
     new_head = any(r.search("head/out/kernel") for r in reinit_res)
     found = head_io.find(folder, raw_config, fam, hf_config, state_dict)
@@ -137,6 +145,7 @@ def load_pretrained(
     )  # fmt: skip
     if found is not None and not take_head:
         report.ignored = sorted(report.ignored + found.keys)
+    report.ignored = sorted(report.ignored + dropped)
     if verbose:
         print(report)
     variables = tree.unflatten(variables)
@@ -147,6 +156,24 @@ def load_pretrained(
     if (folder / peft_export.CONFIG_FILE).is_file():  # adapters / prompts saved beside the base weights
         loaded = peft_export.attach(loaded, folder)
     return loaded
+
+
+def keep_blocks(fam: ModuleType, hf_config, state_dict: Mapping[str, Any], n) -> tuple[Any, list[str]]:
+    """(config of the first n blocks, checkpoint keys of the blocks above them)."""
+    total = fam.num_layers(hf_config)
+    if not hasattr(fam, "with_num_layers"):
+        supported = sorted(t for t, m in families.FAMILIES.items() if hasattr(m, "with_num_layers"))
+        raise ValueError(f"num_layers is not supported for model_type {hf_config.model_type!r}; it is for {supported}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
+        raise ValueError(f"num_layers={n!r}: the checkpoint has {total} blocks; keep 1 to {total} (None: all)")
+    above = [re.compile(fam.block_regex(i)) for i in range(n, total)]
+    keymap = fam.key_map(hf_config)
+
+    def is_above(key: str) -> bool:
+        path = keymap.flax_path(key)
+        return path is not None and any(r.search(_collection_free(path)) for r in above)
+
+    return fam.with_num_layers(hf_config, n), sorted(k for k in state_dict if is_above(k))
 
 
 def _hf_config(folder: Path):

@@ -294,6 +294,7 @@ def _model_grid(hf_config) -> Pair:
 
 
 num_layers, feature_dim = layers.num_hidden_layers, layers.hidden_size
+with_num_layers = layers.with_num_hidden_layers  # truncation: load_pretrained(num_layers=n)
 layer_id, block_regex = layers.encoder_layer_id, layers.encoder_block_regex
 
 

@@ -48,7 +48,7 @@ checkpoints, the export). One process per host: `shard=(i, n)` (`--shard i/n`) r
 every host the same work directory on a shared filesystem and call `report` once all shards are done.
 """
 
-from tljax.sweep.report import Report, Run, Setting, aggregate, best_setting, read_run, report
+from tljax.sweep.report import Report, Run, Setting, aggregate, best_setting, read_run, read_runs, report
 from tljax.sweep.runner import Outcome, RunFailed, SweepResult, run
 from tljax.sweep.spec import (
     Point,
@@ -70,5 +70,5 @@ from tljax.sweep.spec import (
 __all__ = [
     "Outcome", "Point", "Report", "Run", "RunFailed", "Setting", "SweepResult", "aggregate", "best_setting",
     "command", "config", "expand", "folder_config", "folder_name", "job_config", "load_config", "lookup", "parse_shard",
-    "points", "read_run", "report", "run", "spec", "take_shard", "write_text_atomic",
+    "points", "read_run", "read_runs", "report", "run", "spec", "take_shard", "write_text_atomic",
 ]  # fmt: skip

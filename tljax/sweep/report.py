@@ -114,8 +114,7 @@ def report(workdir: str | os.PathLike) -> Report:
       The runs, the settings (mean ± std over seeds) with the best one, summary.md's text and the files written.
     """
     workdir = Path(workdir)
-    s, listed = _listing(workdir)
-    runs = [read_run(p, workdir / RUNS / p.folder, _expected_config(s, p, workdir)) for p in listed]
+    s, runs = _listing(workdir)[0], read_runs(workdir)
     axes = list(s["axes"])
     settings = aggregate(runs, axes, s["metric"])
     best = best_setting(settings, s["metric_mode"])
@@ -124,6 +123,14 @@ def report(workdir: str | os.PathLike) -> Report:
     write_text_atomic(workdir / SUMMARY_FILE, summary)
     files = [workdir / CSV_FILE, workdir / SUMMARY_FILE, *plots(s, settings, runs, workdir / PLOTS)]
     return Report(runs, settings, best, summary, files)
+
+
+def read_runs(workdir: str | os.PathLike) -> list[Run]:
+    """Every run of a sweep's work directory as `report` reads it (results, errors, stale ones marked), writing
+    nothing: for a tool that consumes a sweep's results (e.g. experiments.transferability --finetuned)."""
+    workdir = Path(workdir)
+    s, listed = _listing(workdir)
+    return [read_run(p, workdir / RUNS / p.folder, _expected_config(s, p, workdir)) for p in listed]
 
 
 def _listing(workdir: Path) -> tuple[dict, list[Point]]:
