@@ -251,3 +251,17 @@ def test_resampling_with_head_uses_backbone_prefix(classifier_dir):
     out = loaded.model.apply(loaded.variables, pixel_values=x)
     want = _torch_out(ref.vit, x, interpolate_pos_encoding=True)
     assert max_abs_diff(out["last_hidden_state"], want.last_hidden_state) <= TOL
+
+
+def test_vit_num_layers_matches_transformers(vit_dir):
+    """load_pretrained(num_layers=1) = ViTModel.from_pretrained(num_hidden_layers=1): block 0, then the final
+    LayerNorm and pooler of the whole model."""
+    from transformers import ViTModel
+
+    loaded = tm.load_pretrained(vit_dir, num_layers=1)
+    assert all(k.startswith("encoder.layer.1.") for k in loaded.report.ignored) and loaded.report.ignored
+    x = _pixels(2, seed=4)
+    out = loaded.model.apply(loaded.variables, pixel_values=x)
+    want = _torch_out(ViTModel.from_pretrained(vit_dir, num_hidden_layers=1).eval(), x)
+    assert max_abs_diff(out["last_hidden_state"], want.last_hidden_state) <= TOL
+    assert max_abs_diff(out["pooler_output"], want.pooler_output) <= TOL

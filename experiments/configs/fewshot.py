@@ -11,7 +11,7 @@ episodes of 5-way 1-shot and 5-shot with 15 queries per class, from the 24 test 
 (noun.Tops has 5 and noun.motive 1). Features are SimpleShot's CL2N: centred on the mean feature of 2,600 training
 definitions (their labels are not used), then L2-normalised. Zero-shot: MiniLM embeddings of the label words
 ("noun.animal" -> "animal") in 5 templates, scored over the whole test split (26 classes) and on the same episodes
-(each restricted to its 5 classes). Measured (2-core CPU, shared; /work/notes/fewshot.md has the table):
+(each restricted to its 5 classes). Measured (2-core CPU, shared; the table is in README, "Few-shot"):
 5-way 1-shot prototype 0.561 ± 0.009, 5-shot 0.737 ± 0.007 (logistic 0.555 / 0.741, 1-NN 0.561 / 0.687); zero-shot
 on the same episodes 0.66, over all 26 classes 0.404; LP-FT on the support set (5 episodes) 0.57 / 0.75.
 

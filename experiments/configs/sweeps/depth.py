@@ -8,7 +8,9 @@ checkpoint cut after block k (`model.num_layers` = k + 1, the deeper blocks drop
 The accuracy fine-tuning actually reaches from each layer: what `experiments.transferability` checks its LogME /
 H-score / LEEP / NCE ranking of MiniLM's six layers (mean pooling, the default job's) against. Each run is the
 default job unchanged but for the depth: 6,400 training definitions, 80 probe + 150 fine-tuning steps, the full
-test split. Shallower models are faster (cost ~ embedding + k + 1 blocks). Result: README, "Transferability".
+test split. Measured (seeds 0-2, 2-core AMD EPYC, 24 min of runs: 44 s a run at 1 block, 138 s at 6): test accuracy
+0.673, 0.727, 0.774, 0.795, 0.803, 0.812 for 1 ... 6 blocks, rising with every block kept, while LogME and the linear
+probes peak at block 4 (README, "Transferability").
 """
 
 from tljax import sweep
