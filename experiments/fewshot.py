@@ -55,7 +55,7 @@ def episode_sets(cfg, labels: np.ndarray) -> tuple[dict, np.ndarray]:
 
 
 def frozen_results(classifiers, x: np.ndarray, sets: dict) -> dict:
-    """{"<K>shot": {classifier label: summary + seconds}} over precomputed features."""
+    """{"<K>shot": {classifier label: summary + seconds + per-episode accuracies}} over precomputed features."""
     from tljax import fewshot
 
     out = {}
@@ -65,7 +65,8 @@ def frozen_results(classifiers, x: np.ndarray, sets: dict) -> dict:
             spec = dict(spec)
             t0 = time.perf_counter()
             accs = fewshot.evaluate(x, eps, spec["name"], **{o: v for o, v in spec.items() if o != "name"})
-            row[label_of(spec)] = {**fewshot.summary(accs), "seconds": time.perf_counter() - t0}
+            row[label_of(spec)] = {**fewshot.summary(accs), "seconds": time.perf_counter() - t0,
+                                   "accuracies": [float(a) for a in accs]}  # fmt: skip
     return out
 
 
@@ -133,8 +134,17 @@ def finetune_results(job, source_split, sets: dict, cfg) -> dict:
         t0 = time.perf_counter()
         accs = [finetune_episode(job, model, ordered, eps, e, cfg) for e in range(min(cfg.episodes, len(eps)))]
         out[f"{k}shot"] = {**fewshot.summary(accs), "seconds": time.perf_counter() - t0,
-                           "schedule": cfg.schedule, "args": dict(cfg.args)}  # fmt: skip
+                           "schedule": cfg.schedule, "args": dict(cfg.args), "accuracies": accs}  # fmt: skip
     return out
+
+
+def frozen_on_finetuned(frozen: dict, finetuned: dict) -> dict:
+    """{"<K>shot": {classifier label: summary}} of the frozen classifiers on the episodes that were fine-tuned (the
+    first ones): the paired baseline, as fine-tuning runs on a handful of episodes only."""
+    from tljax import fewshot
+
+    return {k: {label: fewshot.summary(r["accuracies"][: ft["episodes"]]) for label, r in frozen[k].items()}
+            for k, ft in finetuned.items()}  # fmt: skip
 
 
 def run(config, workdir: str | Path) -> dict:
@@ -162,6 +172,7 @@ def run(config, workdir: str | Path) -> dict:
         results["zero_shot"] = text_zero_shot(built, source, sets)
     if cfg.finetune.episodes:
         results["finetune"] = finetune_results(built, getattr(built.splits, cfg.split), sets, cfg.finetune)
+        results["frozen_on_finetuned_episodes"] = frozen_on_finetuned(results["fewshot"], results["finetune"])
     results["wall_seconds"] = time.perf_counter() - t0
     results["config"] = job.resolved(config)
     engine.write_json_atomic(workdir / "results.json", results)
@@ -179,6 +190,9 @@ def table(results: dict) -> str:
     rows = {m: [results["fewshot"][k][m] for k in shots] for m in results["fewshot"][shots[0]]}
     if "finetune" in results:
         rows[f"fine-tune ({results['finetune'][shots[0]]['schedule']})"] = [results["finetune"][k] for k in shots]
+        same = results["frozen_on_finetuned_episodes"]
+        first = next(iter(same[shots[0]]))
+        rows[f"{first}, the fine-tuned episodes"] = [same[k][first] for k in shots]
     if "zero_shot" in results:
         rows["zero-shot (class names, same episodes)"] = [results["zero_shot"]["episodes"][k] for k in shots]
     lines += [f"| {m} | " + " | ".join(fmt(s) for s in cells) + " |" for m, cells in rows.items()]

@@ -227,6 +227,10 @@ def test_experiment_end_to_end(hub_cache, tmp_path):
     assert 0 <= z["accuracy"] <= 1 and z["episodes"]["2shot"]["episodes"] == 12
     ft = results["finetune"]["2shot"]
     assert ft["episodes"] == 1 and ft["mean"] * 9 == pytest.approx(round(ft["mean"] * 9))  # 9 queries
+    assert ft["accuracies"] == [ft["mean"]]
+    for label, paired in results["frozen_on_finetuned_episodes"]["2shot"].items():  # the same (first) episode, frozen
+        assert paired["episodes"] == 1 and paired["mean"] == results["fewshot"]["2shot"][label]["accuracies"][0]
+    assert "the fine-tuned episodes | " in experiment.table(results)
     assert "| 3-way (12 episodes, 3 queries/class) | 2shot |" in experiment.table(results)
 
 
