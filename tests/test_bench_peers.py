@@ -117,3 +117,23 @@ def test_every_other_benchmark_quick_prints_its_metrics(name):
     if name == "peft":  # LoRA keeps optimizer state for its factors only
         opt = lambda v: rows[(f"peft/{v}", "opt_state_mb")]["value"]
         assert opt("lora_r8") < 0.1 * opt("full") and opt("head_only") < opt("lora_r8")
+
+
+def test_peer_data_parallel_worker_runs_the_same_step(tmp_path):
+    """--jax_devices 2: the tljax worker's data-parallel step (the engine's placement) computes the one-device
+    step's loss and update on the same batch; a count that does not divide the batch is refused up front."""
+    import jax
+    import numpy as np
+
+    s = peer.checkpoints(["tiny-bert"], str(tmp_path))["tiny-bert"]
+    loaded = peer.jax_load(s)
+    local = peer.make_batch(s)
+    one, state1, _ = peer.jax_step(loaded, "full", jax.device_put(local))
+    placed, state2, batch2 = peer.jax_placed_step(loaded, "full", local, devices=2)
+    state1, m1 = one(state1, jax.device_put(local))
+    state2, m2 = placed(state2, batch2)
+    assert float(m2["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
+    diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), state1.params, state2.params)
+    assert max(jax.tree.leaves(diff)) < 1e-5
+    with pytest.raises(ValueError, match="--jax_devices 3: needs a positive count that divides"):
+        peer.run(True, models="tiny-bert", jax_devices=3)

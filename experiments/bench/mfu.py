@@ -12,6 +12,11 @@ the 6NT count; `mfu_best_peak`: against the best round's peak, the conservative 
     python -m experiments.bench mfu                    # real MiniLM-L6, batch 32 x 128
     python -m experiments.bench mfu --model bert-base  # any `bench peer` model
     python -m experiments.bench mfu --quick
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.bench mfu --jax_devices 2
+
+`--jax_devices N`: the step data parallel over N devices (on a CPU, fake devices run concurrently, e.g. one per
+core; the process must be started with that many: XLA_FLAGS as above). The FLOP count is the one-device program's
+(the same model FLOPs; a partitioned program's cost analysis counts one shard).
 """
 
 from __future__ import annotations
@@ -65,25 +70,33 @@ def flop_estimates(loaded, s: dict) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help=f"one of {sorted(peer.MODELS)} (default minilm; --quick: "
                         "tiny-bert)")  # fmt: skip
+    parser.add_argument("--jax_devices", type=int, default=1, help="data parallel over N devices (CPU: fake ones)")
 
 
-def run(quick: bool, model=None) -> list[dict]:
+def run(quick: bool, model=None, jax_devices: int = 1) -> list[dict]:
     name = model or ("tiny-bert" if quick else "minilm")
+    if not 1 <= jax_devices <= jax.device_count():
+        raise ValueError(f"--jax_devices {jax_devices}: {jax.device_count()} device(s) here; on a CPU start the "
+                         f"process with XLA_FLAGS=--xla_force_host_platform_device_count={jax_devices}")  # fmt: skip
     device = jax.devices()[0]
     dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
     sizes = (256, 512) if quick else ((1024, 2048) if device.platform == "cpu" else (4096, 8192))
     reps = 3 if quick else 5
     _, size = peak_flops(sizes, dtype, reps)
-    common = {"device": device.device_kind, "platform": device.platform}
+    common = {"device": device.device_kind, "platform": device.platform, "jax_devices": jax_devices}
     with tempfile.TemporaryDirectory(prefix="tljax-mfu-") as folder:
         s = peer.checkpoints([name], folder)[name]
         loaded = peer.jax_load(s)
         batch = jax.device_put(peer.make_batch(s))
         compiled, state, part = peer.jax_step(loaded, "full", batch)
+        with_dropout = compiled.cost_analysis().get("flops", float("nan"))
+        if jax_devices > 1:
+            compiled, state, placed = peer.jax_placed_step(loaded, "full", peer.make_batch(s), jax_devices)
         holder = {"state": state}
+        timed_batch = placed if jax_devices > 1 else batch
 
         def step():
-            holder["state"], metrics = compiled(holder["state"], batch)
+            holder["state"], metrics = compiled(holder["state"], timed_batch)
             return metrics["loss"]
 
         seconds, peaks = paired(step, lambda: matmul_flops(size, dtype, reps), 1 if quick else 3, reps)
@@ -102,7 +115,6 @@ def run(quick: bool, model=None) -> list[dict]:
         ),  # fmt: skip
         emit("mfu/peak", "best_peak_flops_per_s", best, **common),
     ]
-    with_dropout = compiled.cost_analysis().get("flops", float("nan"))
     xla = xla.get("flops", float("nan"))
     est = flop_estimates(loaded, s)
     with_attention = est["six_n_tokens"] + est["attention"]

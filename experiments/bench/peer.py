@@ -15,6 +15,12 @@ is faster).
     python -m experiments.bench peer                                   # MiniLM-L6, BERT-base, ViT-B/16: slow on CPU
     python -m experiments.bench peer --models minilm --modes full,head
     python -m experiments.bench peer --quick                           # tiny random BERT and ViT, seconds
+    python -m experiments.bench peer --models minilm --jax_devices 2   # tljax data parallel over 2 CPU devices
+
+`--jax_devices N` runs the tljax side data parallel over N devices (`parallel.Placement("data")`, the engine's
+default; the same global batch and gradients): on a CPU, N fake devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=N`, e.g. one per core), which XLA:CPU runs concurrently. PyTorch
+stays eager on its default threads. Rows carry `jax_devices`.
 
 This module holds the orchestration, the model specs and the tljax worker; `torch_side.py` is the PyTorch worker.
 It imports no JAX at module level, so the parent and the PyTorch process never load it.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -147,22 +154,40 @@ def jax_step(loaded, mode: str, batch):
 
 
 def jax_steps(s: dict, modes) -> dict:
-    """mode -> a zero-argument function running one blocking train step."""
+    """mode -> a zero-argument function running one blocking train step (data parallel over `s["devices"]` > 1
+    devices: the engine's placement, state and batch sharded as `engine.fit` does)."""
     import jax
 
     loaded = jax_load(s)
-    batch = jax.device_put(make_batch(s))
+    devices = s.get("devices", 1)
     steps = {}
     for mode in modes:
-        compiled, state, _ = jax_step(loaded, mode, batch)
+        if devices > 1:
+            compiled, state, batch = jax_placed_step(loaded, mode, make_batch(s), devices)
+        else:
+            batch = jax.device_put(make_batch(s))
+            compiled, state, _ = jax_step(loaded, mode, batch)
         holder = {"state": state}
 
-        def one(compiled=compiled, holder=holder):
+        def one(compiled=compiled, holder=holder, batch=batch):
             holder["state"], metrics = compiled(holder["state"], batch)
             jax.block_until_ready(metrics["loss"])
 
         steps[mode] = one
     return steps
+
+
+def jax_placed_step(loaded, mode: str, local: dict, devices: int):
+    """(compiled step, placed state, placed batch) of one mode, data parallel over `devices` devices."""
+    from tljax import engine, parallel
+    from tljax.step import make_train_step
+
+    placement = parallel.Placement("data", devices=devices)
+    part = jax_partition(loaded, mode, local)
+    state = engine.initial_state(loaded, part, placement)
+    batch = placement.batch(local)
+    make = lambda axis: make_train_step(loaded.model, part, axis_name=axis)
+    return placement.compile(make, state, batch), state, batch
 
 
 # --- the protocol both workers speak ----------------------------------------------------------------------------
@@ -216,21 +241,25 @@ class Worker:
         self.proc.wait()
 
 
-def _workers(s: dict, modes, threads: str) -> tuple[Worker, Worker]:
-    arg = json.dumps({**s, "modes": list(modes), "threads": threads})
+def _workers(s: dict, modes, threads: str, jax_devices: int = 1) -> tuple[Worker, Worker]:
+    arg = json.dumps({**s, "modes": list(modes), "threads": threads, "devices": jax_devices})
     jax_env, torch_env = {}, {}
+    if jax_devices > 1:  # fake CPU devices (ignored by an accelerator platform)
+        count = f"--xla_force_host_platform_device_count={jax_devices}"
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        jax_env["XLA_FLAGS"] = f"{flags} {count}".strip()
     if threads == "1":  # XLA:CPU's Eigen pool and PyTorch's OpenMP pool, one thread each
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        jax_env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+        jax_env["XLA_FLAGS"] = (jax_env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")) + " " + flags).strip()
         torch_env["OMP_NUM_THREADS"] = "1"
     jax_w = Worker("tljax", [sys.executable, "-m", "experiments.bench.peer", arg], jax_env)
     torch_w = Worker("torch", [sys.executable, "-m", "experiments.bench.torch_side", arg], torch_env)
     return jax_w, torch_w  # both set up at once (not timed); only one runs while the other waits
 
 
-def compare(s: dict, modes, rounds: int, reps: int, threads: str = "default") -> tuple[dict, dict]:
+def compare(s: dict, modes, rounds: int, reps: int, threads: str = "default", jax_devices: int = 1):
     """Alternates the two workers for `rounds` rounds per mode; returns ({side: info}, {mode: {side: seconds}})."""
-    jax_w, torch_w = _workers(s, modes, threads)
+    jax_w, torch_w = _workers(s, modes, threads, jax_devices)
     try:
         info = {"tljax": jax_w.read(), "torch": torch_w.read()}
         times = {m: {"tljax": [], "torch": []} for m in modes}
@@ -244,12 +273,13 @@ def compare(s: dict, modes, rounds: int, reps: int, threads: str = "default") ->
     return info, times
 
 
-def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str) -> list[dict]:
+def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str, jax_devices: int = 1) -> list[dict]:
     from experiments.bench.common import emit
 
     common = {"model": s["name"], "batch": s["batch"], "device": info["tljax"]["device"], "rounds": rounds,
               "reps": reps, "threads": threads, "torch": info["torch"]["version"],
-              "torch_threads": info["torch"]["threads"], "precision": info["tljax"]["precision"]}  # fmt: skip
+              "torch_threads": info["torch"]["threads"], "precision": info["tljax"]["precision"],
+              "jax_devices": jax_devices}  # fmt: skip
     common.update({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
     rows = []
     for mode, by_side in times.items():
@@ -263,6 +293,10 @@ def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str
         ratio = per_s["tljax"] / per_s["torch"]
         rows.append(emit(f"peer/{s['name']}/{mode}", RATIO_METRIC[mode], ratio, **common))
     return rows
+
+
+def _indivisible(names, devices: int) -> bool:
+    return any(MODELS[n]["batch"] % devices for n in names)
 
 
 def _names(value: str, allowed, what: str) -> list[str]:
@@ -282,18 +316,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", choices=("default", "1"), default=None,
                         help="CPU threads of both sides: each framework's default, or 1 each (--quick's default: "
                         "tiny models gain nothing from threads, and an oversubscribed OpenMP pool stalls)")  # fmt: skip
+    parser.add_argument("--jax_devices", type=int, default=1,
+                        help="tljax data parallel over N devices (CPU: N fake devices, e.g. one per core)")  # fmt: skip
 
 
-def run(quick: bool, models=None, modes=ALL_MODES, rounds=None, reps=None, threads=None) -> list[dict]:
+def run(quick: bool, models=None, modes=ALL_MODES, rounds=None, reps=None, threads=None, jax_devices=1) -> list[dict]:
     names = _names(models or ",".join(QUICK_MODELS if quick else DEFAULT_MODELS), MODELS, "models")
     modes = _names(modes, MODES, "modes")
     rounds, reps = rounds or (2 if quick else 3), reps or (2 if quick else 3)
     threads = threads or ("1" if quick else "default")
+    if jax_devices < 1 or _indivisible(names, jax_devices):
+        raise ValueError(f"--jax_devices {jax_devices}: needs a positive count that divides every model's batch")
     rows = []
     with tempfile.TemporaryDirectory(prefix="tljax-peer-") as folder:
         for s in checkpoints(names, folder).values():
-            info, times = compare(s, modes, rounds, reps, threads)
-            rows += _rows(s, info, times, rounds, reps, threads)
+            info, times = compare(s, modes, rounds, reps, threads, jax_devices)
+            rows += _rows(s, info, times, rounds, reps, threads, jax_devices)
     return rows
 
 
