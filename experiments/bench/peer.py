@@ -177,12 +177,13 @@ def jax_steps(s: dict, modes) -> dict:
     return steps
 
 
-def jax_placed_step(loaded, mode: str, local: dict, devices: int):
-    """(compiled step, placed state, placed batch) of one mode, data parallel over `devices` devices."""
+def jax_placed_step(loaded, mode: str, local: dict, devices: int, parallel_mode: str = "data", **placement_options):
+    """(compiled step, placed state, placed batch) of one mode over `devices` devices with the engine's placement
+    (`parallel_mode` "data" or "fsdp"; `placement_options` such as fsdp_min_size)."""
     from tljax import engine, parallel
     from tljax.step import make_train_step
 
-    placement = parallel.Placement("data", devices=devices)
+    placement = parallel.Placement(parallel_mode, devices=devices, **placement_options)
     part = jax_partition(loaded, mode, local)
     state = engine.initial_state(loaded, part, placement)
     batch = placement.batch(local)

@@ -30,8 +30,7 @@ def measure(s: dict, n: int, quick: bool) -> dict:
     import jax
 
     from experiments.bench.common import time_fn
-    from tljax import engine, parallel
-    from tljax.step import make_train_step
+    from tljax import parallel
 
     if jax.device_count() < n:
         return {"skipped": f"{jax.device_count()} devices"}
@@ -39,12 +38,9 @@ def measure(s: dict, n: int, quick: bool) -> dict:
     local = peer.make_batch(s)
     out = {"platform": jax.devices()[0].platform}
     for mode in PARALLEL_MODES:
-        placement = parallel.Placement(mode, devices=n, fsdp_min_size=0 if quick else parallel.FSDP_MIN_SIZE)
-        part = peer.jax_partition(loaded, "full", local)
-        holder = {"state": engine.initial_state(loaded, part, placement)}
-        batch = placement.batch(local)
-        make = lambda axis, part=part: make_train_step(loaded.model, part, axis_name=axis)
-        step = placement.compile(make, holder["state"], batch)
+        min_size = 0 if quick else parallel.FSDP_MIN_SIZE
+        step, state, batch = peer.jax_placed_step(loaded, "full", local, n, mode, fsdp_min_size=min_size)
+        holder = {"state": state}
 
         def one(step=step, holder=holder, batch=batch):
             holder["state"], metrics = step(holder["state"], batch)
