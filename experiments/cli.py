@@ -20,11 +20,14 @@ CACHE_DEFAULT = "~/.cache/tljax/jax"
 
 def define_flags(default_config: str, seeds: list[str] | None = None) -> None:
     """--config (a Python config file, `file.py:arg`, `--config.key=value` overrides), --workdir,
-    --compilation_cache, and --seeds when `seeds` is given (its default; [] means the config's own seed)."""
+    --compilation_cache, --cpu_devices, and --seeds when `seeds` is given (its default; [] means the config's own
+    seed)."""
     config_flags.DEFINE_config_file("config", default_config, "Config file (py); file.py:arg passes arg.")
     flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
     flags.DEFINE_string("compilation_cache", CACHE_DEFAULT, "JAX's persistent compilation cache ('' : off).")
-    names = ["config", "workdir", "compilation_cache"]
+    flags.DEFINE_string("cpu_devices", "", "Split the CPU into N devices ('auto': one per core) for data parallelism; "
+                        "'' keeps JAX's default (XLA_FLAGS). No effect on GPU/TPU hosts.")  # fmt: skip
+    names = ["config", "workdir", "compilation_cache", "cpu_devices"]
     if seeds is not None:
         flags.DEFINE_list("seeds", seeds, "Comma-separated seeds to run (config.seed is set to each).")
         names.append("seeds")
@@ -37,6 +40,13 @@ def start(argv, fallback_name: str):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     quiet_logs()
+    if flags.FLAGS.cpu_devices:  # before anything starts JAX's backends
+        from tljax import parallel
+
+        try:
+            parallel.use_cpu_devices(flags.FLAGS.cpu_devices)
+        except ValueError as e:
+            raise app.UsageError(f"--{e}") from None
     cache = flags.FLAGS.compilation_cache
     if cache:
         from tljax import engine

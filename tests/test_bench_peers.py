@@ -3,12 +3,14 @@ PyTorch side freezes exactly what tljax's rule sets freeze; the batch search fin
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from experiments.bench import memory, peer, torch_side
+from experiments.bench import memory, peer, profile, torch_side
 
 
 def _bench(*args) -> dict:
@@ -137,3 +139,46 @@ def test_peer_data_parallel_worker_runs_the_same_step(tmp_path):
     assert max(jax.tree.leaves(diff)) < 1e-5
     with pytest.raises(ValueError, match="--jax_devices 3: needs a positive count that divides"):
         peer.run(True, models="tiny-bert", jax_devices=3)
+
+
+def test_benchmark_scratch_checkpoints_are_removed_at_exit():
+    """Every --quick benchmark and test wrote a random checkpoint to /tmp and left it there (dozens a day)."""
+    code = "from experiments.bench import common; print(common.tiny_bert_dir())"
+    folder = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]
+    assert folder.startswith(tempfile.gettempdir()) and "tljax-bench-" in folder
+    assert not os.path.exists(folder)
+
+
+def test_profile_quick_splits_the_traced_step_by_kind(tmp_path):
+    rows = _bench("profile", "--quick", "--jax_devices", "2", "--trace_dir", str(tmp_path / "trace"), "--top", "5")
+    at = lambda m: rows[("profile/tiny-bert/full", m)]
+    kinds = {k: at(f"{k}_ms") for k in profile.KINDS}
+    assert sum(r["share"] for r in kinds.values()) == pytest.approx(1.0)
+    assert kinds["matmul"]["value"] > 0 and kinds["elementwise"]["value"] > 0
+    assert kinds["collective"]["value"] > 0  # two devices all-reduce their gradients
+    assert 0 < at("busy")["value"] <= 1.05 and at("busy")["threads"] >= 1
+    ops = [r for (_, metric), r in rows.items() if metric == "op_ms"]
+    assert len(ops) == 5 and all(r["kind"] in profile.KINDS for r in ops)
+    assert [r["value"] for r in ops] == sorted((r["value"] for r in ops), reverse=True)
+    assert list(tmp_path.joinpath("trace").rglob("perfetto_trace.json.gz"))  # kept for a viewer
+
+
+def test_profile_charges_each_operation_its_exclusive_time_on_compute_threads():
+    meta = lambda tid, name: {"ph": "M", "name": "thread_name", "tid": tid, "args": {"name": name}}
+    op = lambda tid, name, ts, dur: {"ph": "X", "tid": tid, "name": name, "ts": ts, "dur": dur}
+    trace = {"traceEvents": [
+        meta(1, "tf_XLAEigen/1"), meta(2, "tf_XLAEigen/2"), meta(3, "python3"),
+        op(1, "ThunkExecutor::Execute", 0, 100), op(1, "ynn_fusion.3", 10, 50), op(1, "copy_bitcast_fusion.1", 70, 20),
+        op(2, "ThunkExecutor::Execute", 0, 100), op(2, "all-reduce.7", 5, 40), op(2, "Rendezvous", 10, 30),
+        op(2, "ynn_fusion.4", 50, 40), op(3, "PjitFunction(jit(train_step))", 0, 1000),
+    ]}  # fmt: skip
+    times, threads = profile.exclusive_times(trace)
+    assert threads == 2 and "PjitFunction(jit(train_step))" not in times
+    assert times == {"ThunkExecutor::Execute": 30 + 20, "ynn_fusion.3": 50, "copy_bitcast_fusion.1": 20,
+                     "all-reduce.7": 10, "Rendezvous": 30, "ynn_fusion.4": 40}  # fmt: skip
+    b = profile.breakdown(trace, steps=1, step_s=100e-6)
+    assert b["kinds_ms"] == pytest.approx({"matmul": 0.09, "elementwise": 0.0, "layout": 0.02, "collective": 0.04,
+                                           "runtime": 0.05})  # fmt: skip
+    assert b["busy"] == pytest.approx(1.0) and list(b["ops_ms"])[0] == "ynn_fusion"
+    with pytest.raises(ValueError, match="not an XLA:CPU trace"):
+        profile.breakdown({"traceEvents": [meta(3, "python3")]}, 1, 1.0)

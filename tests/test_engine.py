@@ -314,3 +314,22 @@ def test_early_stopping_watches_the_final_phase_and_a_rerun_stays_stopped(loaded
         EngineConfig(
             early_stopping=engine.EarlyStopping("loss", "min"), checkpoint=CheckpointConfig(best_metric="accuracy")
         )
+
+
+def test_use_cpu_devices_splits_the_cpu_before_jax_starts_and_errors_after():
+    """`parallel.use_cpu_devices` (the entry points' --cpu_devices) sets the count even over XLA_FLAGS; once JAX's
+    backends run it is a clear error naming the fix, and bad counts are errors, never a silent one-device run."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tljax import parallel; n = parallel.use_cpu_devices(3); import jax; print(n, jax.device_count())"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3", "3"]
+    jax.devices()  # this process's backends are running
+    with pytest.raises(RuntimeError, match="before any JAX operation.*device_count=2"):
+        parallel.use_cpu_devices(2)
+    for bad in ("two", 0, -1):
+        with pytest.raises(ValueError, match="positive integer or 'auto'"):
+            parallel.use_cpu_devices(bad)

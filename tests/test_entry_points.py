@@ -121,4 +121,8 @@ def test_every_entry_point_imports_into_one_process_and_parses_its_flags():
             [sys.executable, "-m", f"experiments.{name}", "--helpshort"], cwd=ROOT, capture_output=True, text=True
         ).stdout  # fmt: skip (absl's help exits with 1)
         assert "--config" in out and "--workdir" in out and "--compilation_cache" in out, name
+        assert "--cpu_devices" in out, name
         assert ("--seeds" in out) == (name in ("adapt", "multitask")), name
+    bad = subprocess.run([sys.executable, "-m", "experiments.finetune", "--cpu_devices=two"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "--cpu devices: expected a positive integer or 'auto', got 'two'" in bad.stderr

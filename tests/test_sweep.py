@@ -12,6 +12,7 @@ import pathlib
 import re
 import statistics
 
+import jax
 import pytest
 
 from tljax import engine, freezing, job, sweep
@@ -135,6 +136,8 @@ def test_subprocess_mode_runs_the_finetune_entry_point(tiny_text_dir, compilatio
     log = (tmp_path / "runs" / POINTS[0] / "log.txt").read_text()
     assert "-m experiments.finetune" in log and "test_accuracy" in log
     assert result.outcomes[0].results["config"] == job.resolved(sweep.job_config(config, result.outcomes[0].point))
+    assert result.outcomes[0].results["devices"] == {"platform": "cpu", "kind": "cpu", "count": jax.device_count(),
+                                                     "processes": 1}  # inherited XLA_FLAGS  # fmt: skip
 
 
 def fake_job(fail: set[str] = frozenset(), calls: list | None = None):

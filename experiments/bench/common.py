@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -52,12 +54,20 @@ def xla_step_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
+def scratch_dir(prefix: str = "tljax-bench-") -> str:
+    """A temporary folder for the benchmark's random checkpoints, removed when the process exits (every `--quick`
+    run and test used to leave one behind in /tmp)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def tiny_bert_dir() -> str:
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    folder = tempfile.mkdtemp(prefix="tljax-bench-")
+    folder = scratch_dir()
     cfg = BertConfig(
         vocab_size=512,
         hidden_size=64,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tljax.models as tm
-from experiments.bench.common import emit, time_fn, tiny_bert_dir
+from experiments.bench.common import emit, scratch_dir, time_fn, tiny_bert_dir
 from tljax import data, rules, task
 from tljax import partition as P
 from tljax.assets import minilm_path
@@ -90,14 +90,12 @@ def image_job(quick: bool) -> list[dict]:
 
 
 def _random_vit(size: int, quick: bool):
-    import tempfile
-
     import torch
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37) if quick else {}
-    folder = tempfile.mkdtemp(prefix="tljax-bench-vit-")
+    folder = scratch_dir("tljax-bench-vit-")
     ViTModel(ViTConfig(image_size=size, patch_size=16, **shape)).save_pretrained(folder)
     return tm.load_pretrained(folder, num_classes=10)
 

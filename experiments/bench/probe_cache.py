@@ -15,7 +15,6 @@ BERT, 256 examples.
 
 from __future__ import annotations
 
-import tempfile
 import time
 
 import jax
@@ -24,7 +23,7 @@ import numpy as np
 import optax
 
 import tljax.models as tm
-from experiments.bench.common import emit, tiny_bert_dir
+from experiments.bench.common import emit, scratch_dir, tiny_bert_dir
 from tljax import data, engine, features, freezing
 from tljax.assets import minilm_path
 
@@ -68,7 +67,7 @@ def cached(loaded, train, val, batcher) -> tuple[float, float]:
     """Seconds (extraction + training) and validation accuracy of the probe on cached features."""
     stream = data.TrainData(train, batch_size=BATCH, seed=0, collate=batcher)
     steps = EPOCHS * stream.steps_per_epoch
-    cache = tempfile.mkdtemp(prefix="tljax-bench-features-")
+    cache = scratch_dir("tljax-bench-features-")
     t = time.perf_counter()
     order = data.TrainData(data.records.Split("order", data.records.ArrayRecords({"i": np.arange(len(train)),
                            "label": train.labels}), train.labels, train.label_names, "text"), batch_size=BATCH,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
-
-from experiments.bench.common import emit, setup
+from experiments.bench.common import emit, scratch_dir, setup
 
 
 def run(quick: bool) -> list[dict]:
@@ -15,7 +13,7 @@ def run(quick: bool) -> list[dict]:
     from tljax import engine, freezing
 
     steps = 2 if quick else 3
-    engine.enable_compilation_cache(tempfile.mkdtemp(prefix="tljax-cache-"))
+    engine.enable_compilation_cache(scratch_dir("tljax-cache-"))
     loaded, batch, common = setup(quick)
     sched = freezing.get("gradual_unfreeze", loaded, steps_per_stage=steps, lr=1e-4, decay=1 / 2.6)
     config = engine.EngineConfig(devices=1, progress=False, optimizer={"weight_decay": 0.01})

@@ -217,6 +217,13 @@ def versions() -> dict[str, str]:
     return {"tljax": tljax.__version__, **{n: md.version(n) for n in names}}
 
 
+def devices() -> dict:
+    """Where the run computed: the float reduction order, hence the last digits, depends on the device count."""
+    d = jax.devices()[0]
+    return {"platform": d.platform, "kind": d.device_kind, "count": jax.device_count(),
+            "processes": jax.process_count()}  # fmt: skip
+
+
 def flat_summary(results: Mapping) -> str:
     """The lines the job prints at the end."""
     lines = []
@@ -250,6 +257,7 @@ def common_fields(job: Job) -> dict:
         "seed": job.config.seed,
         "config": resolved(job.config),
         "versions": versions(),
+        "devices": devices(),
     }  # fmt: skip
 
 
