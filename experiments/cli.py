@@ -46,7 +46,7 @@ def start(argv, fallback_name: str):
         try:
             parallel.use_cpu_devices(flags.FLAGS.cpu_devices)
         except ValueError as e:
-            raise app.UsageError(f"--{e}") from None
+            raise app.UsageError(f"--cpu_devices: {e}") from None
     cache = flags.FLAGS.compilation_cache
     if cache:
         from tljax import engine

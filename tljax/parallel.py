@@ -45,14 +45,14 @@ def use_cpu_devices(count: int | str = "auto") -> int:
     try:
         count = int(count)
     except (TypeError, ValueError):
-        raise ValueError(f"cpu devices: expected a positive integer or 'auto', got {count!r}") from None
+        raise ValueError(f"CPU device count: expected a positive integer or 'auto', got {count!r}") from None
     if count < 1:
-        raise ValueError(f"cpu devices: expected a positive integer or 'auto', got {count}")
+        raise ValueError(f"CPU device count: expected a positive integer or 'auto', got {count}")
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
         raise RuntimeError(
-            f"cpu devices: JAX has already started its backends ({jax.device_count()} device(s)); call "
+            f"CPU device count: JAX has already started its backends ({jax.device_count()} device(s)); call "
             "use_cpu_devices before any JAX operation (in a notebook: the first cell, right after `import jax`), or "
             f"start the process with XLA_FLAGS=--xla_force_host_platform_device_count={count}"
         ) from None
