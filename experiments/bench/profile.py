@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import gzip
 import json
-import os
 import re
 import statistics
 import time
@@ -39,8 +38,9 @@ from pathlib import Path
 
 import jax
 
-from experiments.bench import peer
+from experiments.bench import mfu, peer
 from experiments.bench.common import emit, scratch_dir
+from tljax.parallel import host_cores
 
 KINDS = ("matmul", "elementwise", "layout", "collective", "runtime")
 COMPUTE_THREAD = "XLAEigen"  # XLA:CPU's intra-op pool: the threads that run a program's operations
@@ -129,9 +129,7 @@ def add_arguments(parser) -> None:
 def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps=None, trace_dir=None, top=12):
     name = model or ("tiny-bert" if quick else "minilm")
     steps = steps or (2 if quick else 3)
-    if not 1 <= jax_devices <= jax.device_count():
-        raise ValueError(f"--jax_devices {jax_devices}: {jax.device_count()} device(s) here; on a CPU start the "
-                         f"process with XLA_FLAGS=--xla_force_host_platform_device_count={jax_devices}")  # fmt: skip
+    mfu.check_devices(jax_devices)
     s = peer.checkpoints([name], scratch_dir("tljax-profile-"))[name]
     loaded = peer.jax_load(s)
     if seq is not None:
@@ -141,9 +139,7 @@ def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps
         s = {**s, "seq": seq}
     local = peer.make_batch(s)
     compiled, state, batch = peer.jax_placed_step(loaded, "full", local, jax_devices, parallel)
-    no_dropout = peer.jax_load(s, dropout=0.0, attention_dropout=0.0)  # the model FLOPs, as `bench mfu` counts them
-    flops = peer.jax_compile(no_dropout, peer.jax_partition(no_dropout, "full", local), local).cost_analysis()
-    flops = flops.get("flops", float("nan"))
+    flops = mfu.model_flops(s, local)
 
     def step():
         nonlocal state
@@ -173,7 +169,7 @@ def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps
     for k in KINDS:
         rows.append(emit(where, f"{k}_ms", b["kinds_ms"][k], share=b["shares"][k], **common))
     rows.append(emit(where, "busy", b["busy"], threads=b["threads"], **common))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = host_cores()
     rows.append(emit(where, "cpu_time_over_cores_x_wall", cpu / (cores * sum(seconds)), cores=cores, **common))
     if jax_devices == b["threads"] and b["kinds_ms"]["matmul"]:  # each device's operations on a thread of its own
         matmul_s = b["kinds_ms"]["matmul"] / b["threads"] / 1e3
