@@ -14,7 +14,7 @@ in one run.
     python -m experiments.bench mfu               # peak matmul FLOP/s, XLA's step FLOPs vs 6*N*tokens, MFU
     python -m experiments.bench memory            # peak memory and largest batch: full vs top-3 vs head-only
     python -m experiments.bench scaling           # examples/s at 1, 2, 4, 8 devices, data parallel and FSDP
-    python -m experiments.bench profile           # a traced step's time by kind: matmul, elementwise, layout, ...
+    python -m experiments.bench profile           # a traced step's time by kind (matmul, elementwise, ...) and source
 
 Each benchmark is a module of this package with `run(quick: bool) -> list[dict]`; its docstring says what it
 measures. A module with its own flags defines `add_arguments(parser)` and takes them as keyword arguments of `run`

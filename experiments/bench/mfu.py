@@ -1,13 +1,15 @@
 """`mfu`: model FLOPs utilisation of full fine-tuning, against the device's peak measured in the same run.
 
-Peak: the best FLOP/s of a large jitted `jnp.matmul` (f32 on CPU, bf16 on an accelerator: the dtype the step
-computes in), at the best size, measured in three rounds alternating with the step's. Model FLOPs
+Peak: the FLOP/s of back-to-back jitted `jnp.matmul`s sustained over 2 s (f32 on CPU, bf16 on an accelerator: the
+dtype the step computes in), at the best of two sizes, measured in five rounds alternating with the step's. Model FLOPs
 per step: XLA's cost analysis of the train step (forward, backward, AdamW) compiled once more without dropout for
 the count (XLA counts the dropout-mask hash's integer operations as flops: `xla_flops_with_dropout`; the timed step
 keeps dropout on), cross-checked against the 6 * N * tokens rule (N: non-embedding parameters) and against
 6 * N * tokens plus the attention-score term 6 * layers * positions * width per token (Kaplan et al. 2020);
 `xla_over_6nt` is their ratio. MFU = XLA FLOPs per step / step time / peak (median of the rounds; `mfu_6nt`: with
-the 6NT count; `mfu_best_peak`: against the best round's peak, the conservative figure where the CPU drifts).
+the 6NT count; `mfu_best_peak`: against the best round's peak, the conservative figure where the CPU drifts;
+`mfu_paired`: the median over rounds of each round's step against the same round's peak, the figure that a drift
+between rounds moves least).
 
     python -m experiments.bench mfu                    # real MiniLM-L6, batch 32 x 128
     python -m experiments.bench mfu --model bert-base  # any `bench peer` model
@@ -24,6 +26,7 @@ from __future__ import annotations
 import re
 import statistics
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +35,7 @@ from experiments.bench import peer
 from experiments.bench.common import emit, time_fn
 from tljax import tree
 
+PEAK_SECONDS = 2.0  # each round's matmul burst
 NOT_MATMUL = r"(/embedding$|position_embeddings$|cls_token$)"  # lookups and additions: no multiply-adds
 
 
@@ -41,20 +45,34 @@ def matmul_flops(n: int, dtype, reps: int) -> float:
     return 2 * n**3 / time_fn(jax.jit(jnp.matmul), a, a, reps=reps)
 
 
+def sustained_matmul_flops(n: int, dtype, seconds: float) -> float:
+    """FLOP/s of back-to-back n x n @ n x n matmuls over about `seconds`: a shared VM's speed moves within seconds
+    (a 5 ms matmul's median ran anywhere from 220 to 441 GFLOP/s in one minute), so the peak that a step's time
+    is held against must be averaged over a like stretch of time."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, a))
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        jax.block_until_ready(matmul(a, a))
+        calls += 1
+    return 2 * n**3 * calls / (time.perf_counter() - start)
+
+
 def peak_flops(sizes, dtype, reps: int) -> tuple[float, int]:
     """(best FLOP/s, its size) of an n x n @ n x n matmul over `sizes`."""
     return max((matmul_flops(n, dtype, reps), n) for n in sizes)
 
 
-def paired(step, peak, rounds: int, reps: int) -> tuple[float, list[float]]:
-    """(median step seconds, the peak FLOP/s of every round) over `rounds` rounds that each time the step and then
+def paired(step, peak, rounds: int, reps: int) -> tuple[list[float], list[float]]:
+    """(the step seconds, the peak FLOP/s) of every round, over `rounds` rounds that each time the step and then
     the peak: a shared or throttled CPU drifts (on a cloud VM by up to 2x between seconds), and the ratio must
     compare the same minutes."""
     steps, peaks = [], []
     for _ in range(rounds):
         steps.append(time_fn(step, reps=reps))
         peaks.append(peak())
-    return statistics.median(steps), peaks
+    return steps, peaks
 
 
 def flop_estimates(loaded, s: dict) -> dict:
@@ -111,9 +129,11 @@ def run(quick: bool, model=None, jax_devices: int = 1) -> list[dict]:
             holder["state"], metrics = compiled(holder["state"], timed_batch)
             return metrics["loss"]
 
-        seconds, peaks = paired(step, lambda: matmul_flops(size, dtype, reps), 1 if quick else 3, reps)
+        burst = 0.05 if quick else PEAK_SECONDS
+        round_seconds, peaks = paired(step, lambda: sustained_matmul_flops(size, dtype, burst), 2 if quick else 5, reps)
         xla = model_flops(s, batch)
-    peak, best = statistics.median(peaks), max(peaks)
+    seconds, peak, best = statistics.median(round_seconds), statistics.median(peaks), max(peaks)
+    per_round = [xla / t / p for t, p in zip(round_seconds, peaks, strict=True)]
     rows = [
         emit(
             "mfu/peak",
@@ -143,5 +163,6 @@ def run(quick: bool, model=None, jax_devices: int = 1) -> list[dict]:
         emit(where, "mfu", xla / seconds / peak, peak_flops_per_s=peak, **common),
         emit(where, "mfu_6nt", est["six_n_tokens"] / seconds / peak, **common),
         emit(where, "mfu_best_peak", xla / seconds / best, best_peak_flops_per_s=best, **common),  # conservative
+        emit(where, "mfu_paired", statistics.median(per_round), rounds=[round(m, 3) for m in per_round], **common),
     ]
     return rows

@@ -3,7 +3,8 @@
 Traces a few steps of a `bench peer` model (full fine-tuning, AdamW, dropout on, after warm-up) and reads the
 Perfetto trace: each executed operation's exclusive time on XLA's compute threads, summed by kind:
 
-  matmul       dots (XLA:CPU runs them as `ynn_fusion`, YNNPACK, or `dot`/`dot_general`) and convolutions
+  matmul       dots (XLA:CPU runs them as `ynn_fusion`, YNNPACK, or `dot`/`dot_general`) and convolutions; a
+               `ynn_fusion` that computes no product (YNNPACK also runs reductions and exponentials) is elementwise
   elementwise  every other fusion: norms, activations, softmax, dropout masks, the optimizer update
   layout       copies and transposes
   collective   all-reduce, all-gather, reduce-scatter and the waits at the rendezvous between devices
@@ -15,8 +16,11 @@ operation that XLA:CPU splits over its pool is charged to the operation's own th
 it); `cpu_time_over_cores_x_wall`, the process's CPU time over the cores' time while tracing (the OS's view, where
 a pool's spin-waiting counts as busy); with one device per compute thread, `matmul_flops_per_s`, the threads'
 combined rate inside matmuls (XLA's FLOPs per step over the matmul time per thread, comparable with `bench mfu`'s
-peak; with fewer devices than threads the pool's untraced helpers would inflate it); and the operations that took
-most time. The trace stays in --trace_dir for TensorBoard or ui.perfetto.dev.
+peak; with fewer devices than threads the pool's untraced helpers would inflate it); the operations that took most
+time (`op_ms`, by XLA name); and the sources that took most time (`source_ms`: each operation's `op_name` from the
+compiled program, `forward/` or `backward/` plus the module path with layer numbers folded, e.g.
+`forward/backbone/encoder/layer_*/mlp/erfc`, `step/` for the optimizer update): what to change in the model. The
+trace stays in --trace_dir for TensorBoard or ui.perfetto.dev.
 
     python -m experiments.bench profile                                    # real MiniLM-L6, 32 x 128
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.bench profile --jax_devices 2
@@ -50,14 +54,65 @@ _MATMUL = re.compile(r"^(ynn_fusion|dot|convolution|.*gemm)")
 _LAYOUT = re.compile(r"^(copy|transpose)")
 
 
-def kind(name: str) -> str:
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
+
+
+def kind(name: str, hlo: dict | None = None) -> str:
+    """An operation's kind from its XLA:CPU name; with `hlo` (`hlo_ops`), a matmul-named fusion that computes no
+    product (XLA:CPU also hands reductions and exponentials to YNNPACK as `ynn_fusion`) counts as elementwise."""
     if name.startswith(_RUNTIME):
         return "runtime"
     if _COLLECTIVE.match(name):
         return "collective"
     if _MATMUL.match(name):
-        return "matmul"
+        op = (hlo or {}).get(name)
+        return "elementwise" if op is not None and not op["products"] else "matmul"
     return "layout" if _LAYOUT.match(name) else "elementwise"
+
+
+def source(op_name: str) -> str:
+    """Where in the program an operation comes from, from its `op_name` metadata: `forward/` or `backward/` and the
+    module path with layer numbers folded (`forward/backbone/encoder/layer_*/mlp/erfc`); `step/` for what is
+    outside the model's differentiation (the optimizer update, the loss bookkeeping). A combined operation (XLA
+    merges the gradients' all-reduces: `(a:b:c)`) is named by its first part and a count of the rest."""
+    name = re.sub(r"^jit\([^)]*\)/", "", op_name)
+    parts = name[1:-1].split(":") if name.startswith("(") and name.endswith(")") else [name]
+    if len(parts) > 1:
+        return f"{source(parts[0])} (+{len(parts) - 1} more)"
+    first = re.sub(r"^jit\([^)]*\)/", "", name.split(";")[0])
+    first = re.sub(r"layer_\d+", "layer_*", first)
+    for prefix, label in ((r"^transpose\(jvp\([^)]*\)\)/", "backward/"), (r"^jvp\([^)]*\)/", "forward/")):
+        if re.match(prefix, first):
+            return re.sub(prefix, label, first)
+    return "step/" + first
+
+
+def hlo_ops(text: str) -> dict[str, dict]:
+    """{instruction name: {"products": whether it computes a dot or convolution (for a fusion: its fused
+    computation does), "source": `source` of its metadata, "shape"}} of a compiled module's HLO text
+    (`compiled.as_text()`), whose names are the ones a trace shows."""
+    computations, current = collections.defaultdict(set), None
+    instructions = {}
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and line.rstrip().endswith("{"):
+            current = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m or current is None:
+            continue
+        name, shape, opcode, rest = m.groups()
+        computations[current].add(opcode)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        instructions[name] = (opcode, calls.group(1) if calls else None, shape, op_name.group(1) if op_name else "")
+    products = {"dot", "convolution"}
+    return {
+        name: {"products": opcode in products or bool(called and computations.get(called, set()) & products),
+               "source": source(op_name) if op_name else name, "shape": shape}
+        for name, (opcode, called, shape, op_name) in instructions.items()
+    }  # fmt: skip
 
 
 def exclusive_times(trace: dict) -> tuple[dict[str, float], int]:
@@ -85,25 +140,30 @@ def exclusive_times(trace: dict) -> tuple[dict[str, float], int]:
     return dict(out), len(by_thread)
 
 
-def breakdown(trace: dict, steps: int, step_s: float) -> dict:
-    """ms per step by kind and by operation (numbered names merged: `ynn_fusion.12` -> `ynn_fusion`), the traced
-    share of each kind and the compute threads' busy fraction."""
+def breakdown(trace: dict, steps: int, step_s: float, hlo: dict | None = None) -> dict:
+    """ms per step by kind, by operation ((kind, name) pairs, numbered names merged: `ynn_fusion.12` ->
+    `ynn_fusion`) and, with `hlo` (`hlo_ops` of the traced program), by source ((kind, `source`) pairs: what in the
+    model the time is for); the traced share of each kind and the compute threads' busy fraction."""
     times, threads = exclusive_times(trace)
     if not threads:
         raise ValueError(f"the trace has no {COMPUTE_THREAD} threads: not an XLA:CPU trace")
-    ops = collections.defaultdict(float)
+    ops, kinds = collections.defaultdict(float), dict.fromkeys(KINDS, 0.0)
+    sources = collections.defaultdict(float)
     for name, us in times.items():
-        ops[re.sub(r"\.\d+$", "", name)] += us / steps / 1e3
-    kinds = dict.fromkeys(KINDS, 0.0)
-    for name, ms in ops.items():
-        kinds[kind(name)] += ms
+        ms, k = us / steps / 1e3, kind(name, hlo)
+        ops[(k, re.sub(r"\.\d+$", "", name))] += ms
+        kinds[k] += ms
+        if hlo is not None:
+            sources[(k, hlo[name]["source"] if name in hlo else re.sub(r"\.\d+$", "", name))] += ms
     total = sum(kinds.values())
+    by_time = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))
     return {
         "kinds_ms": kinds,
         "shares": {k: v / total for k, v in kinds.items()},
         "threads": threads,
         "busy": total / (threads * step_s * 1e3),
-        "ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "ops_ms": by_time(ops),
+        "sources_ms": by_time(sources),
     }
 
 
@@ -140,6 +200,7 @@ def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps
     local = peer.make_batch(s)
     compiled, state, batch = peer.jax_placed_step(loaded, "full", local, jax_devices, parallel)
     flops = mfu.model_flops(s, local)
+    hlo = hlo_ops(compiled.prepare(state, batch).as_text())
 
     def step():
         nonlocal state
@@ -165,7 +226,7 @@ def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps
     if device.platform != "cpu":
         print(f"# {device.platform}: the breakdown reads XLA:CPU operation names; open the trace in TensorBoard")
         return rows
-    b = breakdown(read_trace(folder), steps, step_s)
+    b = breakdown(read_trace(folder), steps, step_s, hlo)
     for k in KINDS:
         rows.append(emit(where, f"{k}_ms", b["kinds_ms"][k], share=b["shares"][k], **common))
     rows.append(emit(where, "busy", b["busy"], threads=b["threads"], **common))
@@ -174,6 +235,8 @@ def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps
     if jax_devices == b["threads"] and b["kinds_ms"]["matmul"]:  # each device's operations on a thread of its own
         matmul_s = b["kinds_ms"]["matmul"] / b["threads"] / 1e3
         rows.append(emit(where, "matmul_flops_per_s", flops / matmul_s, xla_flops_per_step=flops, **common))
-    for op, ms in list(b["ops_ms"].items())[:top]:
-        rows.append(emit(f"{where}/{op}", "op_ms", ms, kind=kind(op), **common))
+    for (k, op), ms in list(b["ops_ms"].items())[:top]:
+        rows.append(emit(f"{where}/{k}/{op}", "op_ms", ms, kind=k, **common))
+    for (k, where_from), ms in list(b["sources_ms"].items())[:top]:
+        rows.append(emit(f"{where}/{k}/{where_from}", "source_ms", ms, kind=k, **common))
     return rows

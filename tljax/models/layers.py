@@ -19,6 +19,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tljax.models.dropout import Dropout
 
@@ -29,8 +30,18 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x):
+    """Exact GELU as PyTorch computes it, `x / 2 * (1 + erf(x / sqrt(2)))`. `jax.nn.gelu(approximate=False)` goes
+    through erfc, whose two-branch polynomial XLA:CPU evaluates at ~3x the cost of erf's: a MiniLM-L6 training step
+    (32 x 128, 2 devices) runs 3% faster this way, and more outputs equal PyTorch's bit for bit (float32: 63%
+    against 41%; bfloat16: 92% against 55%, largest difference 1.5e-5 against 0.016). Half-precision inputs are
+    computed in float32, as PyTorch's kernels do: `1 + erf` cancels for negative x."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (wide * 0.5 * (1.0 + jax.lax.erf(wide * np.float32(np.sqrt(0.5))))).astype(x.dtype)
+
+
 ACTIVATIONS: dict[str, Callable] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
