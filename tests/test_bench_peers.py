@@ -168,7 +168,7 @@ def test_profile_quick_splits_the_traced_step_by_kind(tmp_path):
     sources = {r["name"].split("/", 4)[4]: r["kind"] for (_, m), r in rows.items() if m == "source_ms"}
     assert all(s.split("/")[0] in ("forward", "backward", "step") for s, k in sources.items()
                if k in ("matmul", "elementwise", "layout")), sources  # fmt: skip
-    assert any("layer_*" in s for s in sources)  # layers folded into one source
+    assert all("dot_general" in s for s, k in sources.items() if k == "matmul")  # products named by their source
     assert list(tmp_path.joinpath("trace").rglob("perfetto_trace.json.gz"))  # kept for a viewer
 
 

@@ -80,8 +80,7 @@ def source(op_name: str) -> str:
     parts = name[1:-1].split(":") if name.startswith("(") and name.endswith(")") else [name]
     if len(parts) > 1:
         return f"{source(parts[0])} (+{len(parts) - 1} more)"
-    first = re.sub(r"^jit\([^)]*\)/", "", name.split(";")[0])
-    first = re.sub(r"layer_\d+", "layer_*", first)
+    first = re.sub(r"layer_\d+", "layer_*", name.split(";")[0])  # fused ops list each origin: the first names it
     for prefix, label in ((r"^transpose\(jvp\([^)]*\)\)/", "backward/"), (r"^jvp\([^)]*\)/", "forward/")):
         if re.match(prefix, first):
             return re.sub(prefix, label, first)
@@ -150,11 +149,11 @@ def breakdown(trace: dict, steps: int, step_s: float, hlo: dict | None = None) -
     ops, kinds = collections.defaultdict(float), dict.fromkeys(KINDS, 0.0)
     sources = collections.defaultdict(float)
     for name, us in times.items():
-        ms, k = us / steps / 1e3, kind(name, hlo)
-        ops[(k, re.sub(r"\.\d+$", "", name))] += ms
+        ms, k, base = us / steps / 1e3, kind(name, hlo), re.sub(r"\.\d+$", "", name)
+        ops[(k, base)] += ms
         kinds[k] += ms
         if hlo is not None:
-            sources[(k, hlo[name]["source"] if name in hlo else re.sub(r"\.\d+$", "", name))] += ms
+            sources[(k, hlo[name]["source"] if name in hlo else base)] += ms
     total = sum(kinds.values())
     by_time = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))
     return {
