@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The accelerator figures of the benchmark goals in one prepared run, for a session that has a GPU lent for a few
+# minutes: `peer` (tljax vs PyTorch + transformers, both bf16 on a GPU), then `mfu` and `memory` of the ViT-B/16- and
+# BERT-base-sized models, most important first, each benchmark's JSON lines into its own file as it goes (a run cut
+# short keeps what finished). The models are random-weight checkpoints built locally: nothing is downloaded.
+#
+#   OUT=/path/to/results bash experiments/bench/accelerator.sh     # default OUT: ./bench_out
+#   QUICK=1 bash experiments/bench/accelerator.sh                   # tiny models, any machine: checks the script
+#
+# Needs jax, flax, optax, orbax-checkpoint, transformers and torch (PYTHONPATH=. is enough: nothing else is imported).
+set -euo pipefail
+out=${OUT:-bench_out}
+mkdir -p "$out"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
+if [[ -n ${QUICK:-} ]]; then
+  quick=(--quick) models=(tiny-bert tiny-vit) peer=(--rounds 1 --reps 2) memory=()
+else
+  quick=() models=(vit-b16 bert-base) peer=(--rounds 2 --reps 3) memory=(--modes full,head --max_batch 512)
+fi
+bench() { # name, then the benchmark's arguments
+  local name=$1
+  shift
+  echo "# $(date -u +%FT%TZ) $*" >&2
+  python3 -m experiments.bench "$@" | tee "$out/$name.jsonl"
+}
+python3 -c "import jax; print('# devices:', jax.devices())" >&2
+bench peer peer "${quick[@]}" --models "$(IFS=,; echo "${models[*]}")" "${peer[@]}"
+for m in "${models[@]}"; do
+  bench "mfu_$m" mfu "${quick[@]}" --model "$m"
+done
+for m in "${models[@]}"; do
+  bench "memory_$m" memory "${quick[@]}" --model "$m" "${memory[@]}"
+done
