@@ -91,6 +91,37 @@ def test_torch_side_trains_what_tljax_rules_train(model, tmp_path):
     assert peer.jax_partition(loaded, "head", batch).count(True) == 64 * 4 + 4
 
 
+def test_bf16_precision_runs_the_accelerator_path_on_cpu():
+    """--precision bf16 on a CPU takes the code path a GPU takes by default (tljax bf16 compute, torch autocast),
+    so the one run a lent GPU gets is not the first time that path runs."""
+    rows = _bench("peer", "--quick", "--models", "tiny-bert", "--modes", "head", "--rounds", "1", "--reps", "1",
+                  "--precision", "bf16")  # fmt: skip
+    row = rows[("peer/tiny-bert/head", "head_over_torch")]
+    assert (row["precision"], row["torch_precision"]) == ("bf16 compute, fp32 params", "bf16 autocast")
+    assert peer.bf16({"precision": "auto"}, "gpu") and not peer.bf16({"precision": "auto"}, "cpu")
+    assert not peer.bf16({"precision": "fp32"}, "gpu") and peer.bf16({}, "tpu")
+    with pytest.raises(ValueError, match="--precision 'fp16': choose one of"):
+        peer.checkpoints(["tiny-bert"], "unused", "fp16")
+
+
+def test_accelerator_script_runs_every_benchmark_and_names_the_failed(tmp_path):
+    """A lent GPU gets one run: a benchmark that fails must not stop the ones after it, and the run must say which
+    failed (exit 1). `python3` here is a stand-in that fails `peer` and prints a row for the others."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text('#!/bin/sh\n[ "$1" = - ] && exec cat >/dev/null\n[ "$3" = peer ] && exit 3\n'
+                    'echo \'{"name": "x", "metric": "y", "value": 1}\'\n')  # fmt: skip
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "QUICK": "1"}
+    out = subprocess.run(["bash", "experiments/bench/accelerator.sh"], env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "# failed: peer " in out.stderr
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["memory_tiny-bert.jsonl", "memory_tiny-vit.jsonl", "mfu_tiny-bert.jsonl", "mfu_tiny-vit.jsonl",
+                       "peer.jsonl"]  # fmt: skip
+    assert (tmp_path / "out" / "mfu_tiny-vit.jsonl").read_text().startswith('{"name": "x"')
+
+
 def test_largest_batch_brackets_the_boundary():
     for boundary in (1, 7, 37, 100):
         calls = []

@@ -2,10 +2,12 @@
 # The accelerator figures of the benchmark goals in one prepared run, for a session that has a GPU lent for a few
 # minutes: `peer` (tljax vs PyTorch + transformers, both bf16 on a GPU), then `mfu` and `memory` of the ViT-B/16- and
 # BERT-base-sized models, most important first, each benchmark's JSON lines into its own file as it goes (a run cut
-# short keeps what finished). The models are random-weight checkpoints built locally: nothing is downloaded.
+# short keeps what finished; a benchmark that fails is named at the end and the others still run). The models are
+# random-weight checkpoints built locally: nothing is downloaded.
 #
 #   OUT=/path/to/results bash experiments/bench/accelerator.sh     # default OUT: ./bench_out
-#   QUICK=1 bash experiments/bench/accelerator.sh                   # tiny models, any machine: checks the script
+#   QUICK=1 PRECISION=bf16 bash experiments/bench/accelerator.sh    # tiny models, any machine: checks the script and
+#                                                                   # the bf16 code path a GPU takes
 #
 # Needs jax, flax, optax, orbax-checkpoint, transformers and torch (PYTHONPATH=. is enough: nothing else is imported).
 set -euo pipefail
@@ -17,17 +19,31 @@ if [[ -n ${QUICK:-} ]]; then
 else
   quick=() models=(vit-b16 bert-base) peer=(--rounds 2 --reps 3) memory=(--modes full,head --max_batch 512)
 fi
-bench() { # name, then the benchmark's arguments
+prec=(--precision "${PRECISION:-auto}")
+failed=()
+bench() { # name, then the benchmark's arguments; a failure is reported and the next benchmark still runs
   local name=$1
   shift
   echo "# $(date -u +%FT%TZ) $*" >&2
-  python3 -m experiments.bench "$@" | tee "$out/$name.jsonl"
+  if ! python3 -m experiments.bench "$@" | tee "$out/$name.jsonl"; then
+    failed+=("$name")
+    echo "# FAILED: $name" >&2
+  fi
 }
-python3 -c "import jax; print('# devices:', jax.devices())" >&2
-bench peer peer "${quick[@]}" --models "$(IFS=,; echo "${models[*]}")" "${peer[@]}"
+python3 - >&2 <<'PY'
+import importlib.metadata as m
+import jax
+print("# devices:", jax.devices())
+print("#", ", ".join(f"{p} {m.version(p)}" for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch")))
+PY
+bench peer peer "${quick[@]}" "${prec[@]}" --models "$(IFS=,; echo "${models[*]}")" "${peer[@]}"
 for m in "${models[@]}"; do
-  bench "mfu_$m" mfu "${quick[@]}" --model "$m"
+  bench "mfu_$m" mfu "${quick[@]}" "${prec[@]}" --model "$m"
 done
 for m in "${models[@]}"; do
-  bench "memory_$m" memory "${quick[@]}" --model "$m" "${memory[@]}"
+  bench "memory_$m" memory "${quick[@]}" "${prec[@]}" --model "$m" "${memory[@]}"
 done
+if ((${#failed[@]})); then
+  echo "# failed: ${failed[*]} (the others' figures are in $out)" >&2
+  exit 1
+fi

@@ -40,13 +40,13 @@ def probe(loaded, s: dict, part, batch_size: int, steps: int = 2) -> dict | None
     from experiments.bench.common import reset_peak_rss, status_mb, xla_step_bytes
     from tljax import partition
 
-    batch = jax.device_put(peer.make_batch(s, batch_size))
-    compiled = peer.jax_compile(loaded, part, batch)
     device = jax.devices()[0]
-    _trim()
-    reset_peak_rss()
-    base = status_mb("VmRSS")  # model loaded, step compiled, batch in place
-    try:
+    try:  # on a GPU, compiling (autotuning) a too-large batch can run out of memory as well
+        batch = jax.device_put(peer.make_batch(s, batch_size))
+        compiled = peer.jax_compile(loaded, part, batch)
+        _trim()
+        reset_peak_rss()
+        base = status_mb("VmRSS")  # model loaded, step compiled, batch in place
         state = peer.fresh_state(loaded, part)
         for _ in range(steps):
             state, metrics = compiled(state, batch)
@@ -114,9 +114,12 @@ def add_arguments(parser) -> None:
         help=f"CPU: training memory a batch may take (default 4096; --quick: {QUICK_CAP_MB})",
     )
     parser.add_argument("--max_batch", type=int, default=None, help="stop the search here (default 4096; --quick 16)")
+    peer.add_precision_argument(parser)
 
 
-def run(quick: bool, model=None, modes=peer.ALL_MODES, memory_cap_mb=None, max_batch=None) -> list[dict]:
+def run(
+    quick: bool, model=None, modes=peer.ALL_MODES, memory_cap_mb=None, max_batch=None, precision="auto"
+) -> list[dict]:
     from experiments.bench.common import emit
 
     name = model or ("tiny-bert" if quick else "minilm")
@@ -127,7 +130,7 @@ def run(quick: bool, model=None, modes=peer.ALL_MODES, memory_cap_mb=None, max_b
     limit = max_batch or (16 if quick else 4096)
     results = {}
     with tempfile.TemporaryDirectory(prefix="tljax-memory-") as folder:
-        s = peer.checkpoints([name], folder)[name]
+        s = peer.checkpoints([name], folder, precision)[name]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big buffers mmapped: freed ones leave the RSS
         for mode in modes:
             cmd = [sys.executable, "-m", "experiments.bench.memory", json.dumps(s), mode, str(cap), str(limit)]
@@ -136,7 +139,9 @@ def run(quick: bool, model=None, modes=peer.ALL_MODES, memory_cap_mb=None, max_b
     rows = []
     for mode, r in results.items():
         extra = {k: r[k] for k in ("batch", "device", "peak_kind", "trainable_params")}
-        extra.update(model=name, **({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]}))
+        extra.update(
+            model=name, precision=precision, **({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
+        )
         for metric in ("peak_mb", "train_mb", "opt_state_mb", "xla_step_mb"):
             rows.append(emit(f"memory/{mode}", metric, r[metric], **extra))
         rows.append(emit(f"memory/{mode}", "largest_batch", r["largest_batch"], cap_mb=r["cap_mb"],

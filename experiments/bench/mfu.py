@@ -1,15 +1,15 @@
 """`mfu`: model FLOPs utilisation of full fine-tuning, against the device's peak measured in the same run.
 
-Peak: the FLOP/s of back-to-back jitted `jnp.matmul`s sustained over 2 s (f32 on CPU, bf16 on an accelerator: the
-dtype the step computes in), at the best of two sizes, measured in five rounds alternating with the step's. Model FLOPs
-per step: XLA's cost analysis of the train step (forward, backward, AdamW) compiled once more without dropout for
-the count (XLA counts the dropout-mask hash's integer operations as flops: `xla_flops_with_dropout`; the timed step
-keeps dropout on), cross-checked against the 6 * N * tokens rule (N: non-embedding parameters) and against
-6 * N * tokens plus the attention-score term 6 * layers * positions * width per token (Kaplan et al. 2020);
-`xla_over_6nt` is their ratio. MFU = XLA FLOPs per step / step time / peak (median of the rounds; `mfu_6nt`: with
-the 6NT count; `mfu_best_peak`: against the best round's peak, the conservative figure where the CPU drifts;
-`mfu_paired`: the median over rounds of each round's step against the same round's peak, the figure that a drift
-between rounds moves least).
+Peak: the FLOP/s of back-to-back jitted `jnp.matmul`s sustained over 2 s in the dtype the step computes in
+(`--precision` auto: f32 on CPU, bf16 on an accelerator), at the best of two sizes, measured in five rounds
+alternating with the step's. Model FLOPs per step: XLA's cost analysis of the train step (forward, backward, AdamW)
+compiled once more without dropout for the count (XLA counts the dropout-mask hash's integer operations as flops:
+`xla_flops_with_dropout`; the timed step keeps dropout on), cross-checked against the 6 * N * tokens rule (N:
+non-embedding parameters) and against 6 * N * tokens plus the attention-score term 6 * layers * positions * width
+per token (Kaplan et al. 2020); `xla_over_6nt` is their ratio. MFU = XLA FLOPs per step / step time / peak (median
+of the rounds; `mfu_6nt`: with the 6NT count; `mfu_best_peak`: against the best round's peak, the conservative
+figure where the CPU drifts; `mfu_paired`: the median over rounds of each round's step against the same round's
+peak, the figure that a drift between rounds moves least).
 
     python -m experiments.bench mfu                    # real MiniLM-L6, batch 32 x 128
     python -m experiments.bench mfu --model bert-base  # any `bench peer` model
@@ -103,19 +103,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help=f"one of {sorted(peer.MODELS)} (default minilm; --quick: "
                         "tiny-bert)")  # fmt: skip
     parser.add_argument("--jax_devices", type=int, default=1, help="data parallel over N devices (CPU: fake ones)")
+    peer.add_precision_argument(parser)
 
 
-def run(quick: bool, model=None, jax_devices: int = 1) -> list[dict]:
+def run(quick: bool, model=None, jax_devices: int = 1, precision: str = "auto") -> list[dict]:
     name = model or ("tiny-bert" if quick else "minilm")
     check_devices(jax_devices)
     device = jax.devices()[0]
-    dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+    dtype = jnp.bfloat16 if peer.bf16({"precision": precision}, device.platform) else jnp.float32
     sizes = (256, 512) if quick else ((1024, 2048) if device.platform == "cpu" else (4096, 8192))
     reps = 3 if quick else 5
     _, size = peak_flops(sizes, dtype, reps)
-    common = {"device": device.device_kind, "platform": device.platform, "jax_devices": jax_devices}
+    common = {"device": device.device_kind, "platform": device.platform, "jax_devices": jax_devices,
+              "dtype": jnp.dtype(dtype).name}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tljax-mfu-") as folder:
-        s = peer.checkpoints([name], folder)[name]
+        s = peer.checkpoints([name], folder, precision)[name]
         loaded = peer.jax_load(s)
         batch = jax.device_put(peer.make_batch(s))
         compiled, state, part = peer.jax_step(loaded, "full", batch)
@@ -140,7 +142,6 @@ def run(quick: bool, model=None, jax_devices: int = 1) -> list[dict]:
             "peak_flops_per_s",
             peak,
             rounds=[round(p / 1e9, 1) for p in peaks],
-            dtype=jnp.dtype(dtype).name,
             matmul_size=size,
             **common,
         ),  # fmt: skip

@@ -58,6 +58,7 @@ MODELS = {
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=32,
         patch_size=8)},
 }  # fmt: skip
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_MODELS = ("minilm", "bert-base", "vit-b16")
 QUICK_MODELS = ("tiny-bert", "tiny-vit")
 
@@ -67,6 +68,31 @@ def spec(name: str, folder: str) -> dict:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return {"name": name, "folder": folder, "classes": CLASSES, **MODELS[name]}
+
+
+def bf16(s: dict, platform: str) -> bool:
+    """Whether a worker computes in bf16: the spec's `precision` "bf16", or "auto" (the default) on an accelerator.
+    `bf16` on a CPU runs the accelerator's code path (tljax bf16 compute, torch CPU autocast) where it can be tested."""
+    precision = check_precision(s.get("precision", "auto"))
+    return precision == "bf16" or (precision == "auto" and platform != "cpu")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {PRECISIONS}")
+    return precision
+
+
+def precision_name(s: dict, platform: str, side: str) -> str:
+    """What a worker reports as its precision."""
+    if not bf16(s, platform):
+        return "fp32"
+    return "bf16 compute, fp32 params" if side == "tljax" else "bf16 autocast"
+
+
+def add_precision_argument(parser) -> None:
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: fp32 on CPU, bf16 compute on an accelerator; fp32 / bf16 anywhere")  # fmt: skip
 
 
 def make_batch(s: dict, batch: int | None = None) -> dict[str, np.ndarray]:
@@ -87,27 +113,29 @@ def tokens_per_example(s: dict) -> int:
     return s["seq"] if s["kind"] == "text" else (s["image"] // s["patch_size"]) ** 2 + 1
 
 
-def checkpoints(names, folder: str) -> dict[str, dict]:
-    """Specs for `names`, random checkpoints written into `folder` (needs torch: call from a parent process)."""
+def checkpoints(names, folder: str, precision: str = "auto") -> dict[str, dict]:
+    """Specs for `names` computing in `precision`, random checkpoints written into `folder` (needs torch: call
+    from a parent process)."""
     from experiments.bench import torch_side
 
-    return {n: torch_side.with_checkpoint(spec(n, ""), folder) for n in names}
+    check_precision(precision)
+    return {n: {**torch_side.with_checkpoint(spec(n, ""), folder), "precision": precision} for n in names}
 
 
 # --- the tljax worker -------------------------------------------------------------------------------------------
 
 
 def jax_load(s: dict, **options):
-    """`load_pretrained` on the spec's folder with a classification head; bf16 compute on an accelerator;
-    `options`: family options (`dropout=0.0`, ...)."""
+    """`load_pretrained` on the spec's folder with a classification head, fp32 params, bf16 compute where `bf16`
+    says; `options`: family options (`dropout=0.0`, ...)."""
     import jax
 
     import tljax.models as tm
 
-    accelerator = jax.devices()[0].platform != "cpu"
+    dtype = "bfloat16" if bf16(s, jax.devices()[0].platform) else "float32"
     return tm.load_pretrained(
         s["folder"], num_classes=s["classes"], pooling="pooler" if s["kind"] == "text" else "cls",
-        dtype="bfloat16" if accelerator else "float32", param_dtype="float32", **options,
+        dtype=dtype, param_dtype="float32", **options,
     )  # fmt: skip
 
 
@@ -244,7 +272,8 @@ class Worker:
 
 def _workers(s: dict, modes, threads: str, jax_devices: int = 1) -> tuple[Worker, Worker]:
     arg = json.dumps({**s, "modes": list(modes), "threads": threads, "devices": jax_devices})
-    jax_env, torch_env = {}, {}
+    # on a GPU both processes share it: JAX would otherwise reserve 75% of its memory up front
+    jax_env, torch_env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ".45")}, {}
     if jax_devices > 1:  # fake CPU devices (ignored by an accelerator platform)
         count = f"--xla_force_host_platform_device_count={jax_devices}"
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
@@ -280,7 +309,7 @@ def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str
     common = {"model": s["name"], "batch": s["batch"], "device": info["tljax"]["device"], "rounds": rounds,
               "reps": reps, "threads": threads, "torch": info["torch"]["version"],
               "torch_threads": info["torch"]["threads"], "precision": info["tljax"]["precision"],
-              "jax_devices": jax_devices}  # fmt: skip
+              "torch_precision": info["torch"]["precision"], "jax_devices": jax_devices}  # fmt: skip
     common.update({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
     rows = []
     for mode, by_side in times.items():
@@ -319,9 +348,12 @@ def add_arguments(parser) -> None:
                         "tiny models gain nothing from threads, and an oversubscribed OpenMP pool stalls)")  # fmt: skip
     parser.add_argument("--jax_devices", type=int, default=1,
                         help="tljax data parallel over N devices (CPU: N fake devices, e.g. one per core)")  # fmt: skip
+    add_precision_argument(parser)
 
 
-def run(quick: bool, models=None, modes=ALL_MODES, rounds=None, reps=None, threads=None, jax_devices=1) -> list[dict]:
+def run(
+    quick: bool, models=None, modes=ALL_MODES, rounds=None, reps=None, threads=None, jax_devices=1, precision="auto"
+) -> list[dict]:
     names = _names(models or ",".join(QUICK_MODELS if quick else DEFAULT_MODELS), MODELS, "models")
     modes = _names(modes, MODES, "modes")
     rounds, reps = rounds or (2 if quick else 3), reps or (2 if quick else 3)
@@ -330,7 +362,7 @@ def run(quick: bool, models=None, modes=ALL_MODES, rounds=None, reps=None, threa
         raise ValueError(f"--jax_devices {jax_devices}: needs a positive count that divides every model's batch")
     rows = []
     with tempfile.TemporaryDirectory(prefix="tljax-peer-") as folder:
-        for s in checkpoints(names, folder).values():
+        for s in checkpoints(names, folder, precision).values():
             info, times = compare(s, modes, rounds, reps, threads, jax_devices)
             rows += _rows(s, info, times, rounds, reps, threads, jax_devices)
     return rows
@@ -340,12 +372,12 @@ if __name__ == "__main__":  # the tljax worker (compare() starts it)
     import jax
 
     _s = json.loads(sys.argv[1])
-    _accelerator = jax.devices()[0].platform != "cpu"
+    _platform = jax.devices()[0].platform
     serve(
         jax_steps(_s, _s["modes"]),
         {
             "device": jax.devices()[0].device_kind,
-            "platform": jax.devices()[0].platform,
-            "precision": "bf16 compute, fp32 params" if _accelerator else "fp32",
+            "platform": _platform,
+            "precision": precision_name(_s, _platform, "tljax"),
         },
     )

@@ -2,8 +2,9 @@
 fine-tuned from the same folder, batch, loss and AdamW as the tljax worker, in a process of its own.
 
 Frozen parameters get `requires_grad=False` (so autograd builds no backward pass below the lowest trainable block)
-and no optimizer state. On a GPU the step runs under `torch.autocast(bfloat16)`; on CPU in fp32 with torch's default
-thread count. `python -m experiments.bench.torch_side '<spec json>'` serves `peer.serve`'s protocol.
+and no optimizer state. In bf16 (`peer.bf16`: on a GPU by default) the step runs under `torch.autocast(bfloat16)`
+(on a CPU too with `--precision bf16`); otherwise in fp32, on CPU with torch's default thread count.
+`python -m experiments.bench.torch_side '<spec json>'` serves `peer.serve`'s protocol.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def torch_steps(s: dict, modes) -> dict:
     model = _classes(s["kind"])[1].from_pretrained(s["folder"], num_labels=s["classes"]).to(device).train()
     batch = {k: torch.from_numpy(v).to(device) for k, v in peer.make_batch(s).items()}
     batch["labels"] = batch["labels"].long()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+    bf16 = peer.bf16(s, device.type)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     steps = {}
     for mode in modes:
         opt = _optimizer(model, mode, s["layers"])
@@ -93,7 +95,7 @@ def torch_steps(s: dict, modes) -> dict:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
             opt.zero_grad(set_to_none=True)
-            with autocast() if autocast else contextlib.nullcontext():
+            with autocast():
                 loss = model(**batch).loss
             loss.backward()
             opt.step()
@@ -110,12 +112,12 @@ if __name__ == "__main__":
     _s = json.loads(sys.argv[1])
     if _s["threads"] != "default":
         torch.set_num_threads(int(_s["threads"]))
-    _cuda = torch.cuda.is_available()
+    _platform = "cuda" if torch.cuda.is_available() else "cpu"
     peer.serve(
         torch_steps(_s, _s["modes"]),
         {
             "version": torch.__version__,
             "threads": torch.get_num_threads(),
-            "precision": "bf16 autocast" if _cuda else "fp32",
+            "precision": peer.precision_name(_s, _platform, "torch"),
         },
     )
