@@ -55,6 +55,18 @@ def test_mfu_quick_is_xla_flops_over_time_over_peak():
     assert at("six_n_tokens_flops") == 6 * n * 8 * 32
 
 
+def test_mfu_peak_product_runs_bf16_on_the_bf16_kernels():
+    """The bf16 peak was timed on a product with a bf16 result, which XLA:CPU widens to float32 (311 GFLOP/s against
+    its bf16 kernels' 630-850 on this repo's CPU), so a bf16 step's MFU read 0.78 against a peak it exceeded."""
+    import jax.numpy as jnp
+
+    from experiments.bench import mfu
+
+    a = jnp.ones((64, 64), jnp.bfloat16)
+    assert mfu.product(a, a).dtype == jnp.float32
+    assert "convert" not in mfu.product.lower(a, a).compile().as_text()  # bf16 operands straight into the product
+
+
 def test_memory_quick_orders_the_modes():
     rows = _bench("memory", "--quick")
     at = lambda mode, m: rows[(f"memory/{mode}", m)]["value"]
@@ -268,6 +280,8 @@ def test_profile_tells_products_from_other_ynnpack_fusions_and_names_their_sourc
     assert hlo["add.3"]["source"] == "step/add"
     combined = "jit(train_step)/(transpose(jvp(M))/a/layer_0/b:transpose(jvp(M))/c:jvp()/d)"  # merged all-reduces
     assert profile.source(combined) == "backward/a/layer_*/b (+2 more)"
+    branch = "jit(train_step)/jvp(M)/encoder/layer_3/mlp/fc1/cond/branch_0_fun/dot_general"  # platform_dependent
+    assert profile.source(branch) == "forward/encoder/layer_*/mlp/fc1/dot_general"
     assert profile.kind("ynn_fusion.2", hlo) == "elementwise" and profile.kind("ynn_fusion.1", hlo) == "matmul"
     assert profile.kind("ynn_fusion.2") == "matmul"  # without the program, by name only
     meta = {"ph": "M", "name": "thread_name", "tid": 1, "args": {"name": "tf_XLAEigen/1"}}

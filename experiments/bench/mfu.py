@@ -1,6 +1,6 @@
 """`mfu`: model FLOPs utilisation of full fine-tuning, against the device's peak measured in the same run.
 
-Peak: the FLOP/s of back-to-back jitted `jnp.matmul`s sustained over 2 s in the dtype the step computes in
+Peak: the FLOP/s of back-to-back jitted `product`s sustained over 2 s in the dtype the step computes in
 (`--precision` auto: f32 on CPU, bf16 on an accelerator), at the best of two sizes, measured in five rounds
 alternating with the step's. Model FLOPs per step: XLA's cost analysis of the train step (forward, backward, AdamW)
 compiled once more without dropout for the count (XLA counts the dropout-mask hash's integer operations as flops:
@@ -39,10 +39,17 @@ PEAK_SECONDS = 2.0  # each round's matmul burst
 NOT_MATMUL = r"(/embedding$|position_embeddings$|cls_token$)"  # lookups and additions: no multiply-adds
 
 
+@jax.jit
+def product(a, b):
+    """The peak's product, accumulating in float32: the form of the step's bf16 products on every platform (XLA:CPU
+    widens a bf16 product with a bf16 result to float32, at less than half the speed of its bf16 kernels)."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
 def matmul_flops(n: int, dtype, reps: int) -> float:
     """FLOP/s of a jitted n x n @ n x n matmul (median of `reps`)."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    return 2 * n**3 / time_fn(jax.jit(jnp.matmul), a, a, reps=reps)
+    return 2 * n**3 / time_fn(product, a, a, reps=reps)
 
 
 def sustained_matmul_flops(n: int, dtype, seconds: float) -> float:
@@ -50,7 +57,7 @@ def sustained_matmul_flops(n: int, dtype, seconds: float) -> float:
     (a 5 ms matmul's median ran anywhere from 220 to 441 GFLOP/s in one minute), so the peak that a step's time
     is held against must be averaged over a like stretch of time."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    matmul = jax.jit(jnp.matmul)
+    matmul = product
     jax.block_until_ready(matmul(a, a))
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

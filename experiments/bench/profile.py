@@ -73,14 +73,16 @@ def kind(name: str, hlo: dict | None = None) -> str:
 
 def source(op_name: str) -> str:
     """Where in the program an operation comes from, from its `op_name` metadata: `forward/` or `backward/` and the
-    module path with layer numbers folded (`forward/backbone/encoder/layer_*/mlp/erfc`); `step/` for what is
-    outside the model's differentiation (the optimizer update, the loss bookkeeping). A combined operation (XLA
-    merges the gradients' all-reduces: `(a:b:c)`) is named by its first part and a count of the rest."""
+    module path with layer numbers and platform branches folded (`forward/backbone/encoder/layer_*/mlp/erfc`);
+    `step/` for what is outside the model's differentiation (the optimizer update, the loss bookkeeping). A combined
+    operation (XLA merges the gradients' all-reduces: `(a:b:c)`) is named by its first part and a count of the
+    rest."""
     name = re.sub(r"^jit\([^)]*\)/", "", op_name)
     parts = name[1:-1].split(":") if name.startswith("(") and name.endswith(")") else [name]
     if len(parts) > 1:
         return f"{source(parts[0])} (+{len(parts) - 1} more)"
     first = re.sub(r"layer_\d+", "layer_*", name.split(";")[0])  # fused ops list each origin: the first names it
+    first = re.sub(r"/cond/branch_\d+_fun", "", first)  # `lax.platform_dependent`'s branch (one is compiled)
     for prefix, label in ((r"^transpose\(jvp\([^)]*\)\)/", "backward/"), (r"^jvp\([^)]*\)/", "forward/")):
         if re.match(prefix, first):
             return re.sub(prefix, label, first)
@@ -183,13 +185,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="traced steps (default 3; --quick: 2)")
     parser.add_argument("--trace_dir", default=None, help="where the trace stays (default: a temp dir, removed)")
     parser.add_argument("--top", type=int, default=12, help="operations listed by time")
+    peer.add_precision_argument(parser)
 
 
-def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps=None, trace_dir=None, top=12):
+def run(
+    quick: bool,
+    model=None,
+    jax_devices=1,
+    parallel="data",
+    seq=None,
+    steps=None,
+    trace_dir=None,
+    top=12,
+    precision="auto",
+):
     name = model or ("tiny-bert" if quick else "minilm")
     steps = steps or (2 if quick else 3)
     mfu.check_devices(jax_devices)
-    s = peer.checkpoints([name], scratch_dir("tljax-profile-"))[name]
+    s = peer.checkpoints([name], scratch_dir("tljax-profile-"), precision)[name]
     loaded = peer.jax_load(s)
     if seq is not None:
         longest = getattr(loaded.hf_config, "max_position_embeddings", 0) if s["kind"] == "text" else 0
@@ -219,7 +232,8 @@ def run(quick: bool, model=None, jax_devices=1, parallel="data", seq=None, steps
     step_s = statistics.median(seconds)
     device = jax.devices()[0]
     common = {"model": name, "batch": s["batch"], "seq": s.get("seq"), "jax_devices": jax_devices, "parallel": parallel,
-              "platform": device.platform, "device": device.device_kind, "steps": steps}  # fmt: skip
+              "platform": device.platform, "device": device.device_kind, "steps": steps,
+              "precision": precision}  # fmt: skip
     where = f"profile/{name}/full"
     rows = [emit(where, "step_ms", 1e3 * step_s, trace_dir=str(folder) if trace_dir else None, **common)]
     if device.platform != "cpu":

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax.models.dropout import Dropout
+from tljax.models.products import Dense
 
 Dtype = jnp.dtype
 
@@ -129,7 +130,7 @@ class Attention(nn.Module):
     def __call__(self, x, mask=None, *, train: bool = False):
         width = x.shape[-1]
         head_dim = width // self.num_heads
-        dense = lambda name: nn.Dense(
+        dense = lambda name: Dense(
             width,
             use_bias=self.use_bias,
             dtype=self.dtype,
@@ -174,7 +175,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(
+        dense = lambda n, name: Dense(
             n, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name
         )
         return dense(x.shape[-1], "fc2")(activation(self.act)(dense(self.hidden, "fc1")(x)))
@@ -279,7 +280,7 @@ class Pooler(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")
+        dense = Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")
         return activation(self.act)(dense(x[:, 0]))
 
 
