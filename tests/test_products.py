@@ -27,19 +27,20 @@ def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_computes_what_flax_dense_computes(dtype):
+def test_dense_computes_what_flax_dense_computes(dtype, use_bias):
     x = jax.random.normal(jax.random.key(0), (4, 16, 64), dtype)
-    params = nn.Dense(48, dtype=dtype).init(jax.random.key(1), x)
-    ours = _loss_and_grads(Dense(48, dtype=dtype), params, x)(params, x)
-    plain = _loss_and_grads(nn.Dense(48, dtype=dtype), params, x)(params, x)
+    params = nn.Dense(48, use_bias=use_bias, dtype=dtype).init(jax.random.key(1), x)
+    ours = _loss_and_grads(Dense(48, use_bias=use_bias, dtype=dtype), params, x)(params, x)
+    plain = _loss_and_grads(nn.Dense(48, use_bias=use_bias, dtype=dtype), params, x)(params, x)
     if dtype == jnp.float32:  # the very same program
         assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), ours, plain))
         return
     # bf16: both accumulate products in float32 and round to bf16; the bias gradient, which nn.Dense's program sums
     # with bf16 partial sums, is summed in float32 and rounded once. Both against the float32 computation:
     wide = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
-    exact = _loss_and_grads(nn.Dense(48), *wide)(*wide)
+    exact = _loss_and_grads(nn.Dense(48, use_bias=use_bias), *wide)(*wide)
     error = lambda got: [float(np.abs(np.float32(a) - np.float32(b)).max() / np.abs(np.float32(b)).max())
                          for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exact), strict=True)]  # fmt: skip
     for ours_err, plain_err in zip(error(ours), error(plain), strict=True):
