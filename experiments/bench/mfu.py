@@ -57,11 +57,10 @@ def sustained_matmul_flops(n: int, dtype, seconds: float) -> float:
     (a 5 ms matmul's median ran anywhere from 220 to 441 GFLOP/s in one minute), so the peak that a step's time
     is held against must be averaged over a like stretch of time."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    matmul = product
-    jax.block_until_ready(matmul(a, a))
+    jax.block_until_ready(product(a, a))
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        jax.block_until_ready(matmul(a, a))
+        jax.block_until_ready(product(a, a))
         calls += 1
     return 2 * n**3 * calls / (time.perf_counter() - start)
 
