@@ -14,7 +14,8 @@ attention's batched products stay as they are (in this form their backward was 3
 cotangent costs a conversion pass).
 
 `Dense` is `nn.Dense` (same fields, parameters and call) computing through `affine`; the transformer blocks build
-their projections and MLPs with it, and PEFT's method interception sees an `nn.Dense`.
+their projections and MLPs with it (PEFT's LoRA and adapters their products with `affine`), and PEFT's method
+interception sees an `nn.Dense`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import dataclasses
 import flax.linen as nn
 
 from tljax.models.layers import activation
+from tljax.models.products import affine
 from tljax.peft.core import Method, match_kernels
 from tljax.peft.lora import _check_targets
 
@@ -57,5 +58,5 @@ class Adapter(Method):
         down_b = module.param("adapter_down_bias", nn.initializers.zeros_init(), (self.size,), pdtype)
         up = module.param("adapter_up", nn.initializers.zeros_init(), (self.size, d), pdtype)
         up_b = module.param("adapter_up_bias", nn.initializers.zeros_init(), (d,), pdtype)
-        h = activation(self.act)(y.astype(dtype) @ down.astype(dtype) + down_b.astype(dtype))
-        return y + (h @ up.astype(dtype) + up_b.astype(dtype))
+        h = activation(self.act)(affine(y.astype(dtype), down.astype(dtype), down_b.astype(dtype)))
+        return y + affine(h, up.astype(dtype), up_b.astype(dtype))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tljax.models.dropout import bernoulli
+from tljax.models.products import affine
 from tljax.peft.core import Method, match_kernels
 
 # the original paper's choice: the query and value projections of every attention block
@@ -86,7 +87,7 @@ class LoRA(Method):
         b = module.param("lora_b", nn.initializers.zeros_init(), (self.rank, module.features), module.param_dtype)
         dtype = module.dtype or y.dtype
         h = dropout(module, x, self.dropout, train).astype(dtype)
-        return y + (h @ a.astype(dtype) @ b.astype(dtype)) * jnp.asarray(self.scale, dtype)
+        return y + affine(affine(h, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(self.scale, dtype)
 
     def merge(self, flat: Mapping) -> dict:
         """`flat` parameters with `scale * A B` added to each targeted kernel and the factors removed."""
