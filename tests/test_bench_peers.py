@@ -32,6 +32,22 @@ def test_peer_quick_reports_both_sides_and_their_ratio():
             assert jax_s["value"] == pytest.approx(8 / (at("tljax_step_ms")["value"] / 1e3))
             assert at("torch_step_ms")["p25"] <= at("torch_step_ms")["value"] <= at("torch_step_ms")["p75"]
             assert at(metric)["threads"] == "1" and at(metric)["torch_threads"] == 1
+    # each side's product of the model's fc1 shape (batch x seq, hidden) @ (hidden, intermediate), same rounds
+    gemm = lambda m: rows[("peer/tiny-bert/gemm", m)]
+    assert gemm("tljax_gemm_gflops")["shape"] == "256x64x256" and gemm("torch_gemm_gflops")["value"] > 0
+    ratio = gemm("tljax_gemm_gflops")["value"] / gemm("torch_gemm_gflops")["value"]
+    assert gemm("gemm_over_torch")["value"] == pytest.approx(ratio)
+
+
+def test_repeated_gemm_runs_for_about_its_seconds_and_counts_every_call():
+    import time
+
+    calls, finished = [], []
+    run, flops = peer.repeated(lambda: calls.append(1) or time.sleep(0.01), finished.append, 1000, seconds=0.1)
+    assert len(calls) == 3 and len(finished) == 3  # warm-up twice, calibration once
+    run()
+    repeats = len(calls) - 3
+    assert 5 <= repeats <= 12 and flops == 1000 * repeats and len(finished) == 4  # one finish per timed call
 
 
 def test_mfu_quick_is_xla_flops_over_time_over_peak():

@@ -10,7 +10,9 @@ first alternates too) while the other waits idle on its stdin; step times are th
 Modes: `full` (everything trains), `top3` (head, pooler / final norm and the top 3 blocks; tljax `rules.top_k`,
 torch `requires_grad=False` on the rest), `head` (the classifier only; `rules.linear_probe`).
 `full_ft_over_torch`, `top3_over_torch`, `head_over_torch` = tljax examples/s over PyTorch examples/s (> 1: tljax
-is faster).
+is faster). In the same rounds each side also times its framework's product of the model's largest shape
+(`gemm_shape`, in its step's precision): `tljax_gemm_gflops`, `torch_gemm_gflops` and `gemm_over_torch` say how
+much of a ratio is the two matrix-multiply libraries rather than the rest of the step.
 
     python -m experiments.bench peer                                   # MiniLM-L6, BERT-base, ViT-B/16: slow on CPU
     python -m experiments.bench peer --models minilm --modes full,head
@@ -44,6 +46,8 @@ ALL_MODES = ",".join(MODES)
 RATIO_METRIC = {"full": "full_ft_over_torch", "top3": "top3_over_torch", "head": "head_over_torch"}
 TOP_K = 3
 CLASSES = 4
+GEMM = "gemm"  # each worker's pseudo-mode: its framework's product of `gemm_shape`, timed in the same rounds
+GEMM_SECONDS = 0.2  # one timed GEMM call repeats the product for about this long
 MARK = "@@ "  # protocol lines on a worker's stdout start with this; anything else (library chatter) is skipped
 
 # name -> kind, HF config (None: the real checkpoint), batch, seq (text) / image size (vision)
@@ -111,6 +115,32 @@ def make_batch(s: dict, batch: int | None = None) -> dict[str, np.ndarray]:
 def tokens_per_example(s: dict) -> int:
     """Sequence positions the encoder sees per example (ViT: patches + CLS)."""
     return s["seq"] if s["kind"] == "text" else (s["image"] // s["patch_size"]) ** 2 + 1
+
+
+def gemm_shape(s: dict) -> tuple[int, int, int]:
+    """(m, k, n) of the model's largest training product, its MLP's first layer over the whole batch: (batch x
+    tokens, hidden) @ (hidden, intermediate). Each side's rate on it tells how much of a `peer` ratio is the two
+    frameworks' matrix-multiply kernels (on some CPUs PyTorch's MKL runs float32 products at half of XLA's)."""
+    return s["batch"] * tokens_per_example(s), s["hidden"], s["intermediate"]
+
+
+def repeated(once, finish, flops: int, seconds: float = GEMM_SECONDS) -> tuple:
+    """(a function running `once` back to back for about `seconds`, then `finish` on its last result; the FLOPs
+    of one such call): each worker's GEMM, calibrated on its own device so that timer and dispatch noise vanish."""
+    import time
+
+    for _ in range(2):  # warm-up: compilation, allocation, autotuning
+        finish(once())
+    t = time.perf_counter()
+    finish(once())
+    calls = max(1, round(seconds / max(time.perf_counter() - t, 1e-9)))
+
+    def run():
+        for _ in range(calls):
+            out = once()
+        finish(out)
+
+    return run, calls * flops
 
 
 def checkpoints(names, folder: str, precision: str = "auto") -> dict[str, dict]:
@@ -219,6 +249,25 @@ def jax_placed_step(loaded, mode: str, local: dict, devices: int, parallel_mode:
     return placement.compile(make, state, batch), state, batch
 
 
+def jax_gemm(s: dict) -> tuple:
+    """`gemm_shape`'s product as the tljax step computes it (`products.affine`, in the step's dtype; rows split
+    over `s["devices"]` devices like the batch), for `repeated`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from tljax.models.products import affine
+
+    dtype = jnp.bfloat16 if bf16(s, jax.devices()[0].platform) else jnp.float32
+    m, k, n = gemm_shape(s)
+    mesh = Mesh(np.array(jax.devices()[: s.get("devices", 1)]), ("data",))
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.device_put(jax.random.normal(kx, (m, k), dtype), NamedSharding(mesh, PartitionSpec("data")))
+    w = jax.device_put(jax.random.normal(kw, (k, n), dtype), NamedSharding(mesh, PartitionSpec()))
+    product = jax.jit(affine)
+    return repeated(lambda: product(x, w), jax.block_until_ready, 2 * m * k * n)
+
+
 # --- the protocol both workers speak ----------------------------------------------------------------------------
 
 
@@ -292,9 +341,9 @@ def compare(s: dict, modes, rounds: int, reps: int, threads: str = "default", ja
     jax_w, torch_w = _workers(s, modes, threads, jax_devices)
     try:
         info = {"tljax": jax_w.read(), "torch": torch_w.read()}
-        times = {m: {"tljax": [], "torch": []} for m in modes}
+        times = {m: {"tljax": [], "torch": []} for m in (*modes, GEMM)}
         for r in range(rounds):
-            for mode in modes:
+            for mode in times:
                 for w in (jax_w, torch_w) if r % 2 == 0 else (torch_w, jax_w):
                     times[mode][w.side] += w.times(mode, reps)
     finally:
@@ -312,6 +361,12 @@ def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str
               "torch_precision": info["torch"]["precision"], "jax_devices": jax_devices}  # fmt: skip
     common.update({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
     rows = []
+    times = dict(times)
+    gemm = {side: info[side]["gemm_flops"] / statistics.median(ts) / 1e9 for side, ts in times.pop(GEMM).items()}
+    m, k, n = gemm_shape(s)
+    for side, rate in gemm.items():
+        rows.append(emit(f"peer/{s['name']}/{GEMM}", f"{side}_gemm_gflops", rate, shape=f"{m}x{k}x{n}", **common))
+    rows.append(emit(f"peer/{s['name']}/{GEMM}", "gemm_over_torch", gemm["tljax"] / gemm["torch"], **common))
     for mode, by_side in times.items():
         per_s = {}
         for side, ts in by_side.items():
@@ -373,11 +428,13 @@ if __name__ == "__main__":  # the tljax worker (compare() starts it)
 
     _s = json.loads(sys.argv[1])
     _platform = jax.devices()[0].platform
+    _gemm, _gemm_flops = jax_gemm(_s)
     serve(
-        jax_steps(_s, _s["modes"]),
+        {**jax_steps(_s, _s["modes"]), GEMM: _gemm},
         {
             "device": jax.devices()[0].device_kind,
             "platform": _platform,
             "precision": precision_name(_s, _platform, "tljax"),
+            "gemm_flops": _gemm_flops,
         },
     )

@@ -42,7 +42,7 @@ def with_checkpoint(s: dict, folder: str) -> dict:
         torch.manual_seed(0)
         model_cls(config).save_pretrained(path)
     extra = {"vocab_size": config.vocab_size} if s["kind"] == "text" else {"patch_size": config.patch_size}
-    extra["layers"] = config.num_hidden_layers
+    extra.update(layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size)
     return {**s, **extra, "folder": path}
 
 
@@ -106,6 +106,19 @@ def torch_steps(s: dict, modes) -> dict:
     return steps
 
 
+def torch_gemm(s: dict) -> tuple:
+    """`peer.gemm_shape`'s product as the torch step computes it (bf16 where it autocasts), for `peer.repeated`."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if peer.bf16(s, device.type) else torch.float32
+    m, k, n = peer.gemm_shape(s)
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=generator).to(device, dtype) for shape in ((m, k), (k, n)))
+    finish = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
+    return peer.repeated(lambda: torch.matmul(x, w), finish, 2 * m * k * n)
+
+
 if __name__ == "__main__":
     import torch
 
@@ -113,11 +126,13 @@ if __name__ == "__main__":
     if _s["threads"] != "default":
         torch.set_num_threads(int(_s["threads"]))
     _platform = "cuda" if torch.cuda.is_available() else "cpu"
+    _gemm, _gemm_flops = torch_gemm(_s)
     peer.serve(
-        torch_steps(_s, _s["modes"]),
+        {**torch_steps(_s, _s["modes"]), peer.GEMM: _gemm},
         {
             "version": torch.__version__,
             "threads": torch.get_num_threads(),
             "precision": peer.precision_name(_s, _platform, "torch"),
+            "gemm_flops": _gemm_flops,
         },
     )
