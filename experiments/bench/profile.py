@@ -52,6 +52,7 @@ _RUNTIME = ("ThunkExecutor", "SlinkyThreadPool")
 _COLLECTIVE = re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|Rendezvous|Wait)")
 _MATMUL = re.compile(r"^(ynn_fusion|dot|convolution|.*gemm)")
 _LAYOUT = re.compile(r"^(copy|transpose)")
+_ASYNC_END = re.compile(r"^end: ")  # the completion part of an operation XLA:CPU ran asynchronously: `end: copy.5`
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\((.*)$")
@@ -150,7 +151,8 @@ def breakdown(trace: dict, steps: int, step_s: float, hlo: dict | None = None) -
         raise ValueError(f"the trace has no {COMPUTE_THREAD} threads: not an XLA:CPU trace")
     ops, kinds = collections.defaultdict(float), dict.fromkeys(KINDS, 0.0)
     sources = collections.defaultdict(float)
-    for name, us in times.items():
+    for traced, us in times.items():
+        name = _ASYNC_END.sub("", traced)  # charged to its operation
         ms, k, base = us / steps / 1e3, kind(name, hlo), re.sub(r"\.\d+$", "", name)
         ops[(k, base)] += ms
         kinds[k] += ms
