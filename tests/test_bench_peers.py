@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from experiments.bench import memory, peer, profile, torch_side
+from experiments.bench import common, memory, peer, profile, torch_side
 
 
 def _bench(*args) -> dict:
@@ -37,6 +37,16 @@ def test_peer_quick_reports_both_sides_and_their_ratio():
     assert gemm("tljax_gemm_gflops")["shape"] == "256x64x256" and gemm("torch_gemm_gflops")["value"] > 0
     ratio = gemm("tljax_gemm_gflops")["value"] / gemm("torch_gemm_gflops")["value"]
     assert gemm("gemm_over_torch")["value"] == pytest.approx(ratio)
+    assert gemm("gemm_over_torch")["host_cpu"] == common.host_cpu()  # the same command, other ratios on other CPUs
+
+
+def test_host_cpu_names_the_model_and_the_widest_vector_extensions():
+    zen5 = "processor\t: 0\nmodel name\t: AMD EPYC 9R45\nflags\t\t: fpu avx avx2 avx512f avx512_bf16\n\n"
+    xeon = "model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert common.host_cpu(zen5) == "AMD EPYC 9R45 (avx512, avx512_bf16)"
+    assert common.host_cpu(xeon) == "Intel(R) Xeon(R) Platinum 8481C (avx512, avx512_bf16, amx)"
+    assert common.host_cpu("model name\t: EPYC 7B12\nflags\t: sse avx avx2 fma\n") == "EPYC 7B12 (avx2)"
+    assert common.host_cpu("flags\t: fp asimd\n")  # no model name (ARM): the platform's processor name
 
 
 def test_repeated_gemm_runs_for_about_its_seconds_and_counts_every_call(monkeypatch):
@@ -55,6 +65,7 @@ def test_mfu_quick_is_xla_flops_over_time_over_peak():
     rows = _bench("mfu", "--quick")
     at = lambda m: rows[("mfu/tiny-bert/full", m)]["value"]
     peak = rows[("mfu/peak", "peak_flops_per_s")]["value"]
+    assert rows[("mfu/peak", "peak_flops_per_s")]["host_cpu"] == common.host_cpu()
     assert at("mfu") == pytest.approx(at("xla_flops_per_step") / (at("step_ms") / 1e3) / peak)
     best = rows[("mfu/peak", "best_peak_flops_per_s")]["value"]
     assert best >= peak and at("mfu_best_peak") == pytest.approx(at("mfu") * peak / best)
@@ -301,6 +312,9 @@ def test_profile_tells_products_from_other_ynnpack_fusions_and_names_their_sourc
     assert profile.source(branch) == "forward/encoder/layer_*/mlp/fc1/dot_general"
     assert profile.kind("ynn_fusion.2", hlo) == "elementwise" and profile.kind("ynn_fusion.1", hlo) == "matmul"
     assert profile.kind("ynn_fusion.2") == "matmul"  # without the program, by name only
+    # oneDNN's products (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot`) are matmuls too:
+    # they were counted as elementwise, and the matmul share of a step that ran them read 0
+    assert profile.kind("onednn_fusion.7") == "matmul" and profile.kind("xnn_fusion") == "matmul"
     meta = {"ph": "M", "name": "thread_name", "tid": 1, "args": {"name": "tf_XLAEigen/1"}}
     op = lambda name, ts, dur: {"ph": "X", "tid": 1, "name": name, "ts": ts, "dur": dur}
     # `end: ynn_fusion.2`: the completion of an operation XLA:CPU ran asynchronously, charged to that operation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import platform
 import shutil
 import statistics
 import tempfile
@@ -34,6 +35,29 @@ def time_fn(fn: Callable, *args, reps: int, warmup: int = 2) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+# the vector extensions that decide a CPU figure: YNNPACK's and MKL's kernels differ most between these
+_ISA = (("avx512f", "avx512"), ("avx512_bf16", "avx512_bf16"), ("amx_tile", "amx"))
+
+
+def host_cpu(cpuinfo: str | None = None) -> str:
+    """The host CPU's model and widest vector extensions, e.g. "Intel(R) Xeon(R) Processor (avx512, avx512_bf16,
+    amx)": every CPU row carries it, since the same command gives different ratios on different CPUs (PyTorch's
+    float32 GEMM ran at half of XLA's on a Zen 5 and 1.14x XLA's on a Xeon with AMX). `cpuinfo`: /proc/cpuinfo's
+    text (read when None; where there is none, the platform module's processor name)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return platform.processor() or platform.machine()
+    pairs = (line.partition(":") for line in cpuinfo.splitlines())
+    fields = {key.strip(): value.strip() for key, _, value in pairs if value}
+    flags = set(fields.get("flags", "").split())
+    isa = [name for flag, name in _ISA if flag in flags] or (["avx2"] if "avx2" in flags else [])
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{model} ({', '.join(isa)})" if isa else model
 
 
 def status_mb(field: str) -> float:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench import peer
-from experiments.bench.common import emit, time_fn
+from experiments.bench.common import emit, host_cpu, time_fn
 from tljax import tree
 
 PEAK_SECONDS = 2.0  # each round's matmul burst
@@ -120,8 +120,8 @@ def run(quick: bool, model=None, jax_devices: int = 1, precision: str = "auto") 
     sizes = (256, 512) if quick else ((1024, 2048) if device.platform == "cpu" else (4096, 8192))
     reps = 3 if quick else 5
     _, size = peak_flops(sizes, dtype, reps)
-    common = {"device": device.device_kind, "platform": device.platform, "jax_devices": jax_devices,
-              "dtype": jnp.dtype(dtype).name}  # fmt: skip
+    common = {"device": device.device_kind, "platform": device.platform, "host_cpu": host_cpu(),
+              "jax_devices": jax_devices, "dtype": jnp.dtype(dtype).name}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tljax-mfu-") as folder:
         s = peer.checkpoints([name], folder, precision)[name]
         loaded = peer.jax_load(s)

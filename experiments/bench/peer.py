@@ -353,10 +353,10 @@ def compare(s: dict, modes, rounds: int, reps: int, threads: str = "default", ja
 
 
 def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str, jax_devices: int = 1) -> list[dict]:
-    from experiments.bench.common import emit
+    from experiments.bench.common import emit, host_cpu
 
-    common = {"model": s["name"], "batch": s["batch"], "device": info["tljax"]["device"], "rounds": rounds,
-              "reps": reps, "threads": threads, "torch": info["torch"]["version"],
+    common = {"model": s["name"], "batch": s["batch"], "device": info["tljax"]["device"], "host_cpu": host_cpu(),
+              "rounds": rounds, "reps": reps, "threads": threads, "torch": info["torch"]["version"],
               "torch_threads": info["torch"]["threads"], "precision": info["tljax"]["precision"],
               "torch_precision": info["torch"]["precision"], "jax_devices": jax_devices}  # fmt: skip
     common.update({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})

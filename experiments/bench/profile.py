@@ -3,8 +3,9 @@
 Traces a few steps of a `bench peer` model (full fine-tuning, AdamW, dropout on, after warm-up) and reads the
 Perfetto trace: each executed operation's exclusive time on XLA's compute threads, summed by kind:
 
-  matmul       dots (XLA:CPU runs them as `ynn_fusion`, YNNPACK, or `dot`/`dot_general`) and convolutions; a
-               `ynn_fusion` that computes no product (YNNPACK also runs reductions and exponentials) is elementwise
+  matmul       dots (XLA:CPU runs them as `ynn_fusion`, YNNPACK; `onednn_fusion` or `xnn_fusion` where XLA_FLAGS
+               hands them to oneDNN or XNNPACK; or `dot`/`dot_general`) and convolutions; a library fusion that
+               computes no product (YNNPACK also runs reductions and exponentials) is elementwise
   elementwise  every other fusion: norms, activations, softmax, dropout masks, the optimizer update
   layout       copies and transposes
   collective   all-reduce, all-gather, reduce-scatter and the waits at the rendezvous between devices
@@ -43,14 +44,14 @@ from pathlib import Path
 import jax
 
 from experiments.bench import mfu, peer
-from experiments.bench.common import emit, scratch_dir
+from experiments.bench.common import emit, host_cpu, scratch_dir
 from tljax.parallel import host_cores
 
 KINDS = ("matmul", "elementwise", "layout", "collective", "runtime")
 COMPUTE_THREAD = "XLAEigen"  # XLA:CPU's intra-op pool: the threads that run a program's operations
 _RUNTIME = ("ThunkExecutor", "SlinkyThreadPool")
 _COLLECTIVE = re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|Rendezvous|Wait)")
-_MATMUL = re.compile(r"^(ynn_fusion|dot|convolution|.*gemm)")
+_MATMUL = re.compile(r"^(ynn_fusion|onednn_fusion|xnn_fusion|dot|convolution|.*gemm)")
 _LAYOUT = re.compile(r"^(copy|transpose)")
 _ASYNC_END = re.compile(r"^end: ")  # the completion part of an operation XLA:CPU ran asynchronously: `end: copy.5`
 
@@ -234,7 +235,7 @@ def run(
     step_s = statistics.median(seconds)
     device = jax.devices()[0]
     common = {"model": name, "batch": s["batch"], "seq": s.get("seq"), "jax_devices": jax_devices, "parallel": parallel,
-              "platform": device.platform, "device": device.device_kind, "steps": steps,
+              "platform": device.platform, "device": device.device_kind, "host_cpu": host_cpu(), "steps": steps,
               "precision": precision}  # fmt: skip
     where = f"profile/{name}/full"
     rows = [emit(where, "step_ms", 1e3 * step_s, trace_dir=str(folder) if trace_dir else None, **common)]
