@@ -171,6 +171,28 @@ def test_largest_batch_brackets_the_boundary():
         assert len(calls) <= 2 * math.log2(boundary + 1) + 2
     assert memory.largest_batch(lambda b: True, 4, 50) == (32, True)
     assert memory.largest_batch(lambda b: False, 1, 50) == (0, False)
+    assert memory.largest_batch(lambda b: False, 32, 50) == (0, False)
+
+
+def test_memory_search_starts_from_the_benchmark_batch_when_it_is_over_the_cap(monkeypatch):
+    """The search went back to batch 1 and doubled when the benchmark batch was over the cap: the tiny BERT's full
+    fine-tuning (7 fits at batch 8) took 6 probes of ~4 s each (8, 1, 2, 4, 6, 7); from the batch it takes 4."""
+    import types
+
+    probed = []
+
+    def probe(loaded, s, part, batch_size, steps=2):
+        probed.append(batch_size)
+        return {"batch": batch_size, "train_mb": 10.0 * batch_size, "peak_mb": 0.0, "peak_kind": "rss",
+                "opt_state_mb": 0.0, "xla_step_mb": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(memory, "probe", probe)
+    monkeypatch.setattr(memory.peer, "jax_load", lambda s: None)
+    monkeypatch.setattr(memory.peer, "make_batch", lambda s, b=None: None)
+    monkeypatch.setattr(memory.peer, "jax_partition", lambda *a: types.SimpleNamespace(count=lambda trainable: 1))
+    r = memory.measure({"batch": 8}, "full", cap_mb=75.0, limit=16)
+    assert (r["largest_batch"], r["search_capped"], r["train_mb"]) == (7, False, 80.0)
+    assert probed == [8, 4, 6, 7]
 
 
 QUICK_METRICS = {  # every other benchmark's --quick run: the metrics its README figures come from

@@ -4,7 +4,7 @@ Each mode runs in its own process. At the benchmark batch it reports the peak ho
 the device's `peak_bytes_in_use`), its growth over the process with the model loaded and the step compiled
 (`train_mb`: state, gradients, activations; the high-water mark is reset after compiling, as in `bench peft`),
 optimizer-state bytes and XLA's account of the step. Then it searches the largest batch that fits: doubling from
-the benchmark batch (from 1 if that does not fit), then bisecting. On CPU "fits" means
+the benchmark batch (halving from it if that does not fit), then bisecting. On CPU "fits" means
 `train_mb <= --memory_cap_mb` (each probe compiles its own step, frees what the last one left to the OS and measures
 again); on a GPU it means the step runs without running out of device memory (the device's own limit).
 
@@ -65,8 +65,9 @@ def probe(loaded, s: dict, part, batch_size: int, steps: int = 2) -> dict | None
 
 
 def largest_batch(fits, start: int, limit: int, resolution: int = 8) -> tuple[int, bool]:
-    """(largest batch b with fits(b), whether `limit` stopped the search): doubling from `start`, then bisecting
-    until the bracket is narrower than b / resolution."""
+    """(largest batch b with fits(b), whether `limit` stopped the search): doubling from `start` while it fits, then
+    bisecting until the bracket is narrower than b / resolution (from [0, start] when `start` does not fit: halving
+    down from it)."""
     lo, b = 0, start
     while b <= limit and fits(b):
         lo, b = b, 2 * b
@@ -96,8 +97,9 @@ def measure(s: dict, mode: str, cap_mb: float | None, limit: int) -> dict:
             probed[b] = probe(loaded, s, part, b)
         return probed[b] is not None and (not on_cpu or probed[b]["train_mb"] <= cap_mb)
 
-    start = s["batch"] if not on_cpu or at_batch["train_mb"] <= cap_mb else 1
-    best, capped = largest_batch(fits, start, limit)
+    # from the benchmark batch even where it is over the cap: bisecting down from it takes log2(batch / boundary)
+    # probes, where doubling up from 1 took log2(boundary) (each probe compiles a step: ~4 s for the tiny BERT)
+    best, capped = largest_batch(fits, s["batch"], limit)
     cap = cap_mb if on_cpu else jax.devices()[0].memory_stats()["bytes_limit"] / 2**20
     return {**at_batch, "mode": mode, "trainable_params": part.count(True), "largest_batch": best,
             "search_capped": capped, "cap_mb": cap, "device": jax.devices()[0].platform}  # fmt: skip
