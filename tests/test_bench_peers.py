@@ -32,6 +32,7 @@ def test_peer_quick_reports_both_sides_and_their_ratio():
             assert jax_s["value"] == pytest.approx(8 / (at("tljax_step_ms")["value"] / 1e3))
             assert at("torch_step_ms")["p25"] <= at("torch_step_ms")["value"] <= at("torch_step_ms")["p75"]
             assert at(metric)["threads"] == "1" and at(metric)["torch_threads"] == 1
+            assert "intra_op_parallelism_threads=1" in at(metric)["xla_flags"]  # the flags the tljax worker ran with
     # each side's product of the model's fc1 shape (batch x seq, hidden) @ (hidden, intermediate), same rounds
     gemm = lambda m: rows[("peer/tiny-bert/gemm", m)]
     assert gemm("tljax_gemm_gflops")["shape"] == "256x64x256" and gemm("torch_gemm_gflops")["value"] > 0

@@ -358,7 +358,8 @@ def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str
     common = {"model": s["name"], "batch": s["batch"], "device": info["tljax"]["device"], "host_cpu": host_cpu(),
               "rounds": rounds, "reps": reps, "threads": threads, "torch": info["torch"]["version"],
               "torch_threads": info["torch"]["threads"], "precision": info["tljax"]["precision"],
-              "torch_precision": info["torch"]["precision"], "jax_devices": jax_devices}  # fmt: skip
+              "torch_precision": info["torch"]["precision"], "jax_devices": jax_devices,
+              "xla_flags": info["tljax"]["xla_flags"]}  # fmt: skip
     common.update({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
     rows = []
     times = dict(times)
@@ -436,5 +437,6 @@ if __name__ == "__main__":  # the tljax worker (compare() starts it)
             "platform": _platform,
             "precision": precision_name(_s, _platform, "tljax"),
             "gemm_flops": _gemm_flops,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
     )
