@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from experiments.bench import common, memory, peer, profile, torch_side
+from experiments.bench import common, environment, memory, peer, profile, torch_side
 
 
 def _bench(*args) -> dict:
@@ -145,22 +145,53 @@ def test_bf16_precision_runs_the_accelerator_path_on_cpu():
         peer.checkpoints(["tiny-bert"], "unused", "fp16")
 
 
-def test_accelerator_script_runs_every_benchmark_and_names_the_failed(tmp_path):
-    """A lent GPU gets one run: a benchmark that fails must not stop the ones after it, and the run must say which
-    failed (exit 1). `python3` here is a stand-in that fails `peer` and prints a row for the others."""
+def _fake_python(tmp_path, env_rc: int = 0) -> dict:
+    """The environment for accelerator.sh with `python3` a stand-in: the environment check exits `env_rc`, `peer`
+    fails, every other benchmark prints one row."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "python3"
-    fake.write_text('#!/bin/sh\n[ "$1" = - ] && exec cat >/dev/null\n[ "$3" = peer ] && exit 3\n'
+    fake.write_text(f'#!/bin/sh\n[ "$2" = experiments.bench.environment ] && exit {env_rc}\n[ "$3" = peer ] && exit 3\n'
                     'echo \'{"name": "x", "metric": "y", "value": 1}\'\n')  # fmt: skip
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "QUICK": "1"}
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "QUICK": "1"}
+
+
+def test_accelerator_script_runs_every_benchmark_and_names_the_failed(tmp_path):
+    """A lent GPU gets one run: a benchmark that fails must not stop the ones after it, and the run must say which
+    failed (exit 1)."""
+    env = _fake_python(tmp_path)
     out = subprocess.run(["bash", "experiments/bench/accelerator.sh"], env=env, capture_output=True, text=True)
     assert out.returncode == 1 and "# failed: peer " in out.stderr
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["memory_tiny-bert.jsonl", "memory_tiny-vit.jsonl", "mfu_tiny-bert.jsonl", "mfu_tiny-vit.jsonl",
                        "peer.jsonl"]  # fmt: skip
     assert (tmp_path / "out" / "mfu_tiny-vit.jsonl").read_text().startswith('{"name": "x"')
+
+
+def test_accelerator_script_stops_before_any_benchmark_when_a_module_is_missing(tmp_path):
+    env = _fake_python(tmp_path, env_rc=2)
+    out = subprocess.run(["bash", "experiments/bench/accelerator.sh"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_environment_check_names_each_missing_module_with_its_pinned_package(tmp_path, monkeypatch):
+    """A GPU image with jax and torch but no grain (the one lent here) must be told so in seconds, with what to install
+    (the pins of requirements.txt), before its minutes go to benchmarks that would each fail in turn."""
+    pinned = environment.pins()
+    assert pinned["jax"] == environment.version("jax") and pinned["grain"] == environment.version("grain")
+    (tmp_path / "needs_absent.py").write_text("import tljax_absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gone = environment.missing({"grain": "grain", "nothing": "tljax_absent_module"}, ("needs_absent", "tljax.engine"))
+    assert gone == ["tljax_absent_module", "tljax_absent_dependency"]
+    message = environment.report(["grain", "ml_collections", "tljax_absent_module"], pinned)
+    assert (
+        f"pip install grain=={pinned['grain']} ml-collections=={pinned['ml-collections']} tljax_absent_module`"
+        in message
+    )
+    # here everything is present: exit 0, the versions and devices on stderr
+    out = subprocess.run([sys.executable, "-m", "experiments.bench.environment"], capture_output=True, text=True)
+    assert out.returncode == 0 and f"# jax {pinned['jax']}, " in out.stderr and "# devices: " in out.stderr
 
 
 def test_largest_batch_brackets_the_boundary():

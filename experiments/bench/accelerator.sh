@@ -9,7 +9,8 @@
 #   QUICK=1 PRECISION=bf16 bash experiments/bench/accelerator.sh    # tiny models, any machine: checks the script and
 #                                                                   # the bf16 code path a GPU takes
 #
-# Needs jax, flax, optax, orbax-checkpoint, transformers and torch (PYTHONPATH=. is enough: nothing else is imported).
+# Needs jax, flax, optax, orbax-checkpoint, grain, ml-collections, pillow, transformers and torch (PYTHONPATH=. is
+# enough: tljax need not be installed); `python -m experiments.bench.environment` checks them first.
 set -euo pipefail
 out=${OUT:-bench_out}
 mkdir -p "$out"
@@ -30,12 +31,8 @@ bench() { # name, then the benchmark's arguments; a failure is reported and the 
     echo "# FAILED: $name" >&2
   fi
 }
-python3 - >&2 <<'PY'
-import importlib.metadata as m
-import jax
-print("# devices:", jax.devices())
-print("#", ", ".join(f"{p} {m.version(p)}" for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch")))
-PY
+# seconds, before any benchmark: the versions, and exit 2 naming any module this Python lacks (e.g. grain)
+python3 -m experiments.bench.environment
 bench peer peer "${quick[@]}" "${prec[@]}" --models "$(IFS=,; echo "${models[*]}")" "${peer[@]}"
 for m in "${models[@]}"; do
   bench "mfu_$m" mfu "${quick[@]}" "${prec[@]}" --model "$m"
