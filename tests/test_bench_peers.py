@@ -175,6 +175,18 @@ def test_accelerator_script_stops_before_any_benchmark_when_a_module_is_missing(
     assert out.returncode == 2 and list((tmp_path / "out").iterdir()) == []
 
 
+def test_accelerator_script_runs_only_the_benchmarks_asked_for(tmp_path):
+    """A second lease finishes what the first one's time cut off (ONLY=memory), and a misspelt name is refused."""
+    env = _fake_python(tmp_path)
+    run = lambda only: subprocess.run(["bash", "experiments/bench/accelerator.sh"], env={**env, "ONLY": only},
+                                      capture_output=True, text=True)  # fmt: skip
+    assert run("mfu,memory").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "memory_tiny-bert.jsonl", "memory_tiny-vit.jsonl", "mfu_tiny-bert.jsonl", "mfu_tiny-vit.jsonl"]  # fmt: skip
+    out = run("peer,mem")
+    assert out.returncode == 2 and "'mem' is none of peer, mfu, memory" in out.stderr
+
+
 def test_environment_check_names_each_missing_module_with_its_pinned_package(tmp_path, monkeypatch):
     """A GPU image with jax and torch but no grain (the one lent here) must be told so in seconds, with what to install
     (the pins of requirements.txt), before its minutes go to benchmarks that would each fail in turn."""

@@ -8,10 +8,15 @@
 #   OUT=/path/to/results bash experiments/bench/accelerator.sh     # default OUT: ./bench_out
 #   QUICK=1 PRECISION=bf16 bash experiments/bench/accelerator.sh    # tiny models, any machine: checks the script and
 #                                                                   # the bf16 code path a GPU takes
+#   ONLY=memory bash experiments/bench/accelerator.sh              # some of peer, mfu, memory (a second lease)
 #
 # Needs jax, flax, optax, orbax-checkpoint, grain, ml-collections, pillow, transformers and torch (PYTHONPATH=. is
 # enough: tljax need not be installed); `python -m experiments.bench.environment` checks them first.
 set -euo pipefail
+only=,${ONLY:-peer,mfu,memory},
+for b in ${only//,/ }; do
+  [[ ,peer,mfu,memory, == *,$b,* ]] || { echo "ONLY=$ONLY: '$b' is none of peer, mfu, memory" >&2; exit 2; }
+done
 out=${OUT:-bench_out}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
@@ -25,6 +30,7 @@ failed=()
 bench() { # name, then the benchmark's arguments; a failure is reported and the next benchmark still runs
   local name=$1
   shift
+  [[ $only == *,$1,* ]] || return 0
   echo "# $(date -u +%FT%TZ) $*" >&2
   if ! python3 -m experiments.bench "$@" | tee "$out/$name.jsonl"; then
     failed+=("$name")
