@@ -145,6 +145,23 @@ def test_bf16_precision_runs_the_accelerator_path_on_cpu():
         peer.checkpoints(["tiny-bert"], "unused", "fp16")
 
 
+def test_fused_attention_runs_both_sides_without_attention_dropout(tmp_path):
+    """--attention fused (cuDNN's kernel on a GPU) has no attention dropout, so PyTorch's side trains without it too."""
+    rows = _bench("peer", "--quick", "--models", "tiny-bert", "--modes", "head", "--rounds", "1", "--reps", "1",
+                  "--attention", "fused")  # fmt: skip
+    assert rows[("peer/tiny-bert/head", "head_over_torch")]["attention"] == "fused"
+    eager, fused = (
+        peer.checkpoints(["tiny-bert"], str(tmp_path / a), attention=a)["tiny-bert"] for a in peer.ATTENTION
+    )
+    tljax_side = peer.jax_load(fused).model.backbone
+    assert (tljax_side.attention, tljax_side.attention_dropout) == ("fused", 0.0)
+    assert torch_side.load_model(fused).config.attention_probs_dropout_prob == 0.0
+    assert torch_side.load_model(eager).config.attention_probs_dropout_prob == 0.1  # BertConfig's, both sides
+    assert peer.jax_load(eager).model.backbone.attention_dropout == 0.1
+    with pytest.raises(ValueError, match="--attention 'flash': choose one of"):
+        peer.checkpoints(["tiny-bert"], str(tmp_path), attention="flash")
+
+
 def _fake_python(tmp_path, env_rc: int = 0) -> dict:
     """The environment for accelerator.sh with `python3` a stand-in: the environment check exits `env_rc`, `peer`
     fails, every other benchmark prints one row."""

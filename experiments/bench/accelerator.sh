@@ -9,6 +9,8 @@
 #   QUICK=1 PRECISION=bf16 bash experiments/bench/accelerator.sh    # tiny models, any machine: checks the script and
 #                                                                   # the bf16 code path a GPU takes
 #   ONLY=memory bash experiments/bench/accelerator.sh              # some of peer, mfu, memory (a second lease)
+#   ONLY=peer,mfu ATTENTION=fused bash experiments/bench/accelerator.sh   # tljax with cuDNN's fused attention (both
+#                                                                   # sides without attention dropout)
 #
 # Needs jax, flax, optax, orbax-checkpoint, grain, ml-collections, pillow, transformers and torch (PYTHONPATH=. is
 # enough: tljax need not be installed); `python -m experiments.bench.environment` checks them first.
@@ -25,7 +27,7 @@ if [[ -n ${QUICK:-} ]]; then
 else
   quick=() models=(vit-b16 bert-base) peer=(--rounds 2 --reps 3) memory=(--modes full,head --max_batch 512)
 fi
-prec=(--precision "${PRECISION:-auto}")
+prec=(--precision "${PRECISION:-auto}" --attention "${ATTENTION:-eager}")
 failed=()
 bench() { # name, then the benchmark's arguments; a failure is reported and the next benchmark still runs
   local name=$1

@@ -120,7 +120,13 @@ def add_arguments(parser) -> None:
 
 
 def run(
-    quick: bool, model=None, modes=peer.ALL_MODES, memory_cap_mb=None, max_batch=None, precision="auto"
+    quick: bool,
+    model=None,
+    modes=peer.ALL_MODES,
+    memory_cap_mb=None,
+    max_batch=None,
+    precision="auto",
+    attention="eager",
 ) -> list[dict]:
     from experiments.bench.common import emit
 
@@ -132,7 +138,7 @@ def run(
     limit = max_batch or (16 if quick else 4096)
     results = {}
     with tempfile.TemporaryDirectory(prefix="tljax-memory-") as folder:
-        s = peer.checkpoints([name], folder, precision)[name]
+        s = peer.checkpoints([name], folder, precision, attention)[name]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big buffers mmapped: freed ones leave the RSS
         for mode in modes:
             cmd = [sys.executable, "-m", "experiments.bench.memory", json.dumps(s), mode, str(cap), str(limit)]
@@ -142,7 +148,10 @@ def run(
     for mode, r in results.items():
         extra = {k: r[k] for k in ("batch", "device", "peak_kind", "trainable_params")}
         extra.update(
-            model=name, precision=precision, **({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
+            model=name,
+            precision=precision,
+            attention=attention,
+            **({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]}),
         )
         for metric in ("peak_mb", "train_mb", "opt_state_mb", "xla_step_mb"):
             rows.append(emit(f"memory/{mode}", metric, r[metric], **extra))

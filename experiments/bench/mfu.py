@@ -112,7 +112,7 @@ def add_arguments(parser) -> None:
     peer.add_precision_argument(parser)
 
 
-def run(quick: bool, model=None, jax_devices: int = 1, precision: str = "auto") -> list[dict]:
+def run(quick: bool, model=None, jax_devices: int = 1, precision: str = "auto", attention: str = "eager") -> list[dict]:
     name = model or ("tiny-bert" if quick else "minilm")
     check_devices(jax_devices)
     device = jax.devices()[0]
@@ -121,9 +121,9 @@ def run(quick: bool, model=None, jax_devices: int = 1, precision: str = "auto") 
     reps = 3 if quick else 5
     _, size = peak_flops(sizes, dtype, reps)
     common = {"device": device.device_kind, "platform": device.platform, "host_cpu": host_cpu(),
-              "jax_devices": jax_devices, "dtype": jnp.dtype(dtype).name}  # fmt: skip
+              "jax_devices": jax_devices, "dtype": jnp.dtype(dtype).name, "attention": attention}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tljax-mfu-") as folder:
-        s = peer.checkpoints([name], folder, precision)[name]
+        s = peer.checkpoints([name], folder, precision, attention)[name]
         loaded = peer.jax_load(s)
         batch = jax.device_put(peer.make_batch(s))
         compiled, state, part = peer.jax_step(loaded, "full", batch)

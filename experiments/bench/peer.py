@@ -63,6 +63,7 @@ MODELS = {
         patch_size=8)},
 }  # fmt: skip
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION = ("eager", "fused")  # tljax's `attention` family option; "fused" turns attention dropout off on both sides
 DEFAULT_MODELS = ("minilm", "bert-base", "vit-b16")
 QUICK_MODELS = ("tiny-bert", "tiny-vit")
 
@@ -95,8 +96,18 @@ def precision_name(s: dict, platform: str, side: str) -> str:
 
 
 def add_precision_argument(parser) -> None:
+    """--precision and --attention: how the benchmark model computes (`checkpoints` takes both)."""
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: fp32 on CPU, bf16 compute on an accelerator; fp32 / bf16 anywhere")  # fmt: skip
+    parser.add_argument("--attention", choices=ATTENTION, default="eager",
+                        help="tljax's attention: eager (default) or fused (jax.nn.dot_product_attention, cuDNN's "
+                        "kernel on a GPU in bf16); fused: no attention dropout on either side")  # fmt: skip
+
+
+def attention_dropout_off(s: dict) -> dict:
+    """Family options that turn attention dropout off where the spec's attention is "fused" (both sides, so that
+    they train the same model); {} otherwise."""
+    return {"attention_dropout": 0.0} if s.get("attention", "eager") == "fused" else {}
 
 
 def make_batch(s: dict, batch: int | None = None) -> dict[str, np.ndarray]:
@@ -143,13 +154,16 @@ def repeated(once, finish, flops: int, seconds: float = GEMM_SECONDS) -> tuple:
     return run, calls * flops
 
 
-def checkpoints(names, folder: str, precision: str = "auto") -> dict[str, dict]:
-    """Specs for `names` computing in `precision`, random checkpoints written into `folder` (needs torch: call
-    from a parent process)."""
+def checkpoints(names, folder: str, precision: str = "auto", attention: str = "eager") -> dict[str, dict]:
+    """Specs for `names` computing in `precision` with tljax's `attention`, random checkpoints written into `folder`
+    (needs torch: call from a parent process)."""
     from experiments.bench import torch_side
 
     check_precision(precision)
-    return {n: {**torch_side.with_checkpoint(spec(n, ""), folder), "precision": precision} for n in names}
+    if attention not in ATTENTION:
+        raise ValueError(f"--attention {attention!r}: choose one of {ATTENTION}")
+    specs = {n: torch_side.with_checkpoint(spec(n, ""), folder) for n in names}
+    return {n: {**s, "precision": precision, "attention": attention} for n, s in specs.items()}
 
 
 # --- the tljax worker -------------------------------------------------------------------------------------------
@@ -163,6 +177,7 @@ def jax_load(s: dict, **options):
     import tljax.models as tm
 
     dtype = "bfloat16" if bf16(s, jax.devices()[0].platform) else "float32"
+    options = {"attention": s.get("attention", "eager"), **attention_dropout_off(s), **options}
     return tm.load_pretrained(
         s["folder"], num_classes=s["classes"], pooling="pooler" if s["kind"] == "text" else "cls",
         dtype=dtype, param_dtype="float32", **options,
@@ -359,7 +374,7 @@ def _rows(s: dict, info: dict, times: dict, rounds: int, reps: int, threads: str
               "rounds": rounds, "reps": reps, "threads": threads, "torch": info["torch"]["version"],
               "torch_threads": info["torch"]["threads"], "precision": info["tljax"]["precision"],
               "torch_precision": info["torch"]["precision"], "jax_devices": jax_devices,
-              "xla_flags": info["tljax"]["xla_flags"]}  # fmt: skip
+              "xla_flags": info["tljax"]["xla_flags"], "attention": s["attention"]}  # fmt: skip
     common.update({"seq": s["seq"]} if s["kind"] == "text" else {"image": s["image"]})
     rows = []
     times = dict(times)
@@ -408,7 +423,15 @@ def add_arguments(parser) -> None:
 
 
 def run(
-    quick: bool, models=None, modes=ALL_MODES, rounds=None, reps=None, threads=None, jax_devices=1, precision="auto"
+    quick: bool,
+    models=None,
+    modes=ALL_MODES,
+    rounds=None,
+    reps=None,
+    threads=None,
+    jax_devices=1,
+    precision="auto",
+    attention="eager",
 ) -> list[dict]:
     names = _names(models or ",".join(QUICK_MODELS if quick else DEFAULT_MODELS), MODELS, "models")
     modes = _names(modes, MODES, "modes")
@@ -418,7 +441,7 @@ def run(
         raise ValueError(f"--jax_devices {jax_devices}: needs a positive count that divides every model's batch")
     rows = []
     with tempfile.TemporaryDirectory(prefix="tljax-peer-") as folder:
-        for s in checkpoints(names, folder, precision).values():
+        for s in checkpoints(names, folder, precision, attention).values():
             info, times = compare(s, modes, rounds, reps, threads, jax_devices)
             rows += _rows(s, info, times, rounds, reps, threads, jax_devices)
     return rows

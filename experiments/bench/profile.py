@@ -201,11 +201,12 @@ def run(
     trace_dir=None,
     top=12,
     precision="auto",
+    attention="eager",
 ):
     name = model or ("tiny-bert" if quick else "minilm")
     steps = steps or (2 if quick else 3)
     mfu.check_devices(jax_devices)
-    s = peer.checkpoints([name], scratch_dir("tljax-profile-"), precision)[name]
+    s = peer.checkpoints([name], scratch_dir("tljax-profile-"), precision, attention)[name]
     loaded = peer.jax_load(s)
     if seq is not None:
         longest = getattr(loaded.hf_config, "max_position_embeddings", 0) if s["kind"] == "text" else 0
@@ -236,7 +237,7 @@ def run(
     device = jax.devices()[0]
     common = {"model": name, "batch": s["batch"], "seq": s.get("seq"), "jax_devices": jax_devices, "parallel": parallel,
               "platform": device.platform, "device": device.device_kind, "host_cpu": host_cpu(), "steps": steps,
-              "precision": precision}  # fmt: skip
+              "precision": precision, "attention": attention}  # fmt: skip
     where = f"profile/{name}/full"
     rows = [emit(where, "step_ms", 1e3 * step_s, trace_dir=str(folder) if trace_dir else None, **common)]
     if device.platform != "cpu":

@@ -73,6 +73,12 @@ def _optimizer(model, mode: str, layers: int):
     return torch.optim.AdamW(groups, lr=o["learning_rate"], betas=(o["b1"], o["b2"]), eps=o["eps"])
 
 
+def load_model(s: dict):
+    """The spec's checkpoint as a transformers classification model (attention dropout off where tljax's is)."""
+    off = {"attention_probs_dropout_prob": 0.0} if peer.attention_dropout_off(s) else {}
+    return _classes(s["kind"])[1].from_pretrained(s["folder"], num_labels=s["classes"], **off)
+
+
 def torch_steps(s: dict, modes) -> dict:
     """mode -> a zero-argument function running one blocking train step (sets that mode's `requires_grad`)."""
     import contextlib
@@ -81,7 +87,7 @@ def torch_steps(s: dict, modes) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = _classes(s["kind"])[1].from_pretrained(s["folder"], num_labels=s["classes"]).to(device).train()
+    model = load_model(s).to(device).train()
     batch = {k: torch.from_numpy(v).to(device) for k, v in peer.make_batch(s).items()}
     batch["labels"] = batch["labels"].long()
     bf16 = peer.bf16(s, device.type)

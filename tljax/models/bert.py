@@ -68,6 +68,7 @@ class BertModel(nn.Module):
     attention_dropout: float = 0.1
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
+    attention: str = "eager"  # `layers.ATTENTION`: "eager" or "fused"
     pad_token_id: int = 0
     roberta_positions: bool = False  # RoBERTa counts positions from pad_token_id + 1, skipping padding
     add_pooling_layer: bool = True
@@ -105,6 +106,7 @@ class BertModel(nn.Module):
             attention_dropout=self.attention_dropout,
             drop_path_rate=self.drop_path_rate,
             remat=self.remat,
+            attention=self.attention,
             **kw,
         )
         x = encoder(x, layers.padding_mask(attention_mask), train=train)
@@ -140,6 +142,7 @@ def build(
     dropout: float | None = None,
     attention_dropout: float | None = None,
     remat: str = "none",
+    attention: str = "eager",
 ) -> BertModel:
     """The linen module for an HF `BertConfig`/`RobertaConfig`.
 
@@ -151,6 +154,8 @@ def build(
         config's); the config itself is not changed.
       remat: gradient checkpointing of each block (`layers.REMAT_POLICIES`: "none", "block", "dots"); same
         outputs and gradients, less activation memory, more compute.
+      attention: "eager" (HF's eager attention, the default) or "fused" (`jax.nn.dot_product_attention`: cuDNN's
+        flash kernel on a GPU in bf16; no dropout on the attention probabilities, so it needs attention_dropout=0).
     """
     c = hf_config
     layers.check_transformer_config(c)
@@ -158,6 +163,7 @@ def build(
         raise ValueError(f"position_embedding_type={c.position_embedding_type!r} is not supported (absolute only)")
     if add_pooling_layer is None:
         add_pooling_layer = any("pooler." in k for k in checkpoint_keys) or not checkpoint_keys
+    attn_rate = layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout")
     return BertModel(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -169,9 +175,10 @@ def build(
         act=c.hidden_act,
         eps=c.layer_norm_eps,
         dropout=layers.rate_option(dropout, c.hidden_dropout_prob, "dropout"),
-        attention_dropout=layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout"),
+        attention_dropout=attn_rate,
         drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
         remat=layers.check_remat(remat),
+        attention=layers.check_attention(attention, attn_rate),
         pad_token_id=c.pad_token_id or 0,
         roberta_positions=c.model_type == "roberta",
         add_pooling_layer=add_pooling_layer,

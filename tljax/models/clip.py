@@ -46,6 +46,7 @@ def _encoder(tower, train: bool, x, mask=None):
         attention_dropout=tower.attention_dropout,
         drop_path_rate=tower.drop_path_rate,
         remat=tower.remat,
+        attention=tower.attention,
         dtype=tower.dtype,
         param_dtype=tower.param_dtype,
     )
@@ -114,6 +115,7 @@ class VisionTower(nn.Module):
     dropout: float = 0.0  # on the residual branches; HF's CLIP has none
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
+    attention: str = "eager"  # `layers.ATTENTION`: "eager" or "fused"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -166,6 +168,7 @@ class TextTower(nn.Module):
     dropout: float = 0.0  # on the residual branches; HF's CLIP has none
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
+    attention: str = "eager"  # `layers.ATTENTION`: "eager" or "fused"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -325,8 +328,11 @@ def _square(value, name: str) -> int:
     raise ValueError(f"{name}={value!r} is not supported (square sizes only)")
 
 
-def _tower_options(c, dropout=None, attention_dropout=None, drop_path_rate: float = 0.0, remat: str = "none") -> dict:
+def _tower_options(
+    c, dropout=None, attention_dropout=None, drop_path_rate: float = 0.0, remat: str = "none", attention: str = "eager"
+) -> dict:
     """A tower's fields from its config and the `build` options (see `build`)."""
+    attn_rate = layers.rate_option(attention_dropout, c.attention_dropout, "attention_dropout")
     return dict(
         width=c.hidden_size,
         num_layers=c.num_hidden_layers,
@@ -334,10 +340,11 @@ def _tower_options(c, dropout=None, attention_dropout=None, drop_path_rate: floa
         mlp_dim=c.intermediate_size,
         act=c.hidden_act,
         eps=c.layer_norm_eps,
-        attention_dropout=layers.rate_option(attention_dropout, c.attention_dropout, "attention_dropout"),
+        attention_dropout=attn_rate,
         dropout=layers.rate_option(dropout, 0.0, "dropout"),  # not c.dropout: transformers' CLIP never applies it
         drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
         remat=layers.check_remat(remat),
+        attention=layers.check_attention(attention, attn_rate),
     )
 
 
@@ -379,6 +386,7 @@ def build(
     dropout: float | None = None,
     attention_dropout: float | None = None,
     remat: str = "none",
+    attention: str = "eager",
 ) -> CLIPModel:
     """The linen module for an HF `CLIPConfig` (both towers) or `CLIPVisionConfig` (vision tower alone).
 
@@ -396,11 +404,19 @@ def build(
       attention_dropout: overrides both towers' `attention_dropout` (None keeps each tower config's).
       remat: gradient checkpointing of each block of both towers (`layers.REMAT_POLICIES`: "none", "block",
         "dots"); same outputs and gradients, less activation memory, more compute.
+      attention: both towers' `layers.ATTENTION` implementation, "eager" (default) or "fused" (cuDNN's flash
+        kernel on a GPU in bf16; no attention dropout).
     """
     if image_size is not None:
         _vision_config(hf_config).image_size = _square(image_size, "image_size")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    rates = dict(dropout=dropout, attention_dropout=attention_dropout, drop_path_rate=drop_path_rate, remat=remat)
+    rates = dict(
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        drop_path_rate=drop_path_rate,
+        remat=remat,
+        attention=attention,
+    )
     vision = _vision_tower(_vision_config(hf_config), rates, **kw)
     if hf_config.model_type == "clip":
         return CLIPModel(

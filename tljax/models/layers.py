@@ -86,6 +86,26 @@ def check_remat(value) -> str:
     return value
 
 
+# How a block computes softmax(q k^T / sqrt(d)) v (the `attention` option of the transformer families).
+ATTENTION = {
+    "eager": "materialised probabilities, as HF's eager attention (dropout on them; the fastest on CPU)",
+    "fused": "jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU in bf16/fp16, XLA's elsewhere; no dropout",
+}
+
+
+def check_attention(value, attention_dropout: float = 0.0) -> str:
+    """`value` if it names an `ATTENTION` implementation that can apply `attention_dropout`, else a ValueError."""
+    if value not in ATTENTION:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {value!r}")
+    if value == "fused" and attention_dropout > 0:
+        raise ValueError(
+            f"attention='fused' has no dropout on the attention probabilities (jax.nn.dot_product_attention), but "
+            f"this model's attention_dropout is {attention_dropout} (its config's attention dropout unless "
+            f"overridden): pass attention_dropout=0.0 with it, or keep attention='eager'"
+        )
+    return value
+
+
 def linear_rates(rate: float, n: int) -> tuple[float, ...]:
     """Stochastic-depth rates of n stacked blocks by timm's linear rule: block i gets `rate * i / (n - 1)`, so the
     first gets 0 and the last exactly `rate` (a single block gets 0, as timm's `linspace(0, rate, 1)`)."""
@@ -117,10 +137,12 @@ class Attention(nn.Module):
     """Multi-head self-attention with separate query/key/value/out projections (HF layout).
 
     `mask` is boolean, broadcastable to (batch, heads, q_len, kv_len), True where attention is allowed.
+    `implementation`: an `ATTENTION` name (same parameters and outputs either way).
     """
 
     num_heads: int
     dropout: float = 0.0
+    implementation: str = "eager"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     use_bias: bool = True
@@ -140,6 +162,8 @@ class Attention(nn.Module):
         )
         split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
         q, k, v = (split(dense(n)(x)) for n in ("query", "key", "value"))
+        if check_attention(self.implementation, self.dropout) == "fused":
+            return dense("out")(attend_fused(q, k, v, mask).reshape(*x.shape[:-1], width))
         drop = self.dropout > 0.0 and train
         probs_dropout = (lambda p: Dropout(self.dropout)(p, deterministic=False)) if drop else None
         return dense("out")(attend(q, k, v, mask, probs_dropout).reshape(*x.shape[:-1], width))
@@ -162,6 +186,35 @@ def attend(q, k, v, mask=None, probs_dropout: Callable | None = None):
     if probs_dropout is not None:
         probs = probs_dropout(probs)
     return jnp.matmul(probs, v).swapaxes(1, 2)
+
+
+def attend_fused(q, k, v, mask=None):
+    """`attend` without dropout through `jax.nn.dot_product_attention`: on a GPU in bf16/fp16 cuDNN's fused (flash)
+    kernel, which never writes the (q_len, kv_len) probabilities to memory (operands from `cudnn_operands`); elsewhere
+    XLA's implementation of the same math (float32 logits and softmax), slower than `attend` on CPU."""
+    if not (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    length = q.shape[1]
+    q, k, v, mask = cudnn_operands(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")[:, :length]
+
+
+def cudnn_operands(q, k, v, mask=None):
+    """(q, k, v, mask) as cuDNN's fused attention takes them, with the same result on the first q_len rows: the mask as
+    a bias of the full (q_len, kv_len) extent, and odd lengths (ViT-B/16's 197, CLIP's 77) padded by one masked-out
+    key (and one query row, dropped after): JAX's cuDNN training rule counts a bias as present even where there is
+    none, and refuses odd lengths with a bias (jax 0.10)."""
+    if q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0:
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+        return q, k, v, mask
+    (b, t), s = q.shape[:2], k.shape[1]
+    full = jnp.broadcast_to(True if mask is None else mask, (b, 1, t, s))
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+    q, k, v = pad(q), pad(k), pad(v)
+    full = jnp.pad(full, ((0, 0), (0, 0), (0, q.shape[1] - t), (0, k.shape[1] - s)))  # the padded key: masked out
+    pad_rows = (jnp.arange(q.shape[1]) >= t)[:, None] & (jnp.arange(k.shape[1]) < s)[None, :]
+    return q, k, v, full | pad_rows  # a padded query row attends to the real keys (its output is dropped)
 
 
 class Mlp(nn.Module):
@@ -195,6 +248,7 @@ class Block(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path: float = 0.0
+    attention: str = "eager"  # an `ATTENTION` name
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -204,7 +258,7 @@ class Block(nn.Module):
         norm = lambda name: nn.LayerNorm(epsilon=self.eps, name=name, **kw)
         det = not train
         drop = lambda y: DropPath(self.drop_path)(Dropout(self.dropout)(y, deterministic=det), deterministic=det)
-        attn = Attention(self.num_heads, self.attention_dropout, name="attention", **kw)
+        attn = Attention(self.num_heads, self.attention_dropout, self.attention, name="attention", **kw)
         mlp = Mlp(self.mlp_dim, self.act, name="mlp", **kw)
         if self.pre_norm:
             x = x + drop(attn(norm("attention_norm")(x), mask, train=train))
@@ -240,6 +294,7 @@ def encoder(
     attention_dropout: float = 0.0,
     drop_path_rate: float = 0.0,
     remat: str = "none",
+    attention: str = "eager",
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> Encoder:
@@ -251,6 +306,7 @@ def encoder(
         `drop_path_rate * i / (num_layers - 1)` (timm's linear rule: layer 0 never, the last at the full rate).
       remat: a `REMAT_POLICIES` name; each block under `nn.remat` with that policy (parameter paths unchanged, outputs
         and gradients equal; only what the backward pass stores, and so memory and step time, change).
+      attention: an `ATTENTION` implementation ("eager" or "fused"); the parameters are the same.
     """
     cls = Block
     if check_remat(remat) != "none":
@@ -264,6 +320,7 @@ def encoder(
         eps=eps,
         dropout=dropout,
         attention_dropout=attention_dropout,
+        attention=check_attention(attention, attention_dropout),
         dtype=dtype,
         param_dtype=param_dtype,
     )

@@ -146,6 +146,7 @@ class ViTModel(nn.Module):
     attention_dropout: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth of the last layer (`layers.encoder`)
     remat: str = "none"  # gradient checkpointing of each block (`layers.REMAT_POLICIES`)
+    attention: str = "eager"  # `layers.ATTENTION`: "eager" or "fused"
     init_std: float = 0.02
     add_pooling_layer: bool = True
     pooler_size: int | None = None  # None: hidden_size
@@ -177,6 +178,7 @@ class ViTModel(nn.Module):
             attention_dropout=self.attention_dropout,
             drop_path_rate=self.drop_path_rate,
             remat=self.remat,
+            attention=self.attention,
             **kw,
         )
         x = encoder(x, train=train)
@@ -208,6 +210,7 @@ def build(
     dropout: float | None = None,
     attention_dropout: float | None = None,
     remat: str = "none",
+    attention: str = "eager",
 ) -> ViTModel:
     """The linen module for an HF `ViTConfig`.
 
@@ -223,6 +226,8 @@ def build(
         config's); the config itself is not changed.
       remat: gradient checkpointing of each block (`layers.REMAT_POLICIES`: "none", "block", "dots"); same
         outputs and gradients, less activation memory, more compute.
+      attention: "eager" (HF's eager attention, the default) or "fused" (`jax.nn.dot_product_attention`: cuDNN's
+        flash kernel on a GPU in bf16; no dropout on the attention probabilities, so it needs attention_dropout=0).
     """
     c = hf_config
     _check_supported(c)
@@ -230,6 +235,7 @@ def build(
         c.image_size = image_size
     if add_pooling_layer is None:
         add_pooling_layer = any(k.startswith("pooler.") for k in checkpoint_keys) or not checkpoint_keys
+    attn_rate = layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout")
     return ViTModel(
         hidden_size=c.hidden_size,
         num_layers=c.num_hidden_layers,
@@ -241,9 +247,10 @@ def build(
         act=c.hidden_act,
         eps=c.layer_norm_eps,
         dropout=layers.rate_option(dropout, c.hidden_dropout_prob, "dropout"),
-        attention_dropout=layers.rate_option(attention_dropout, c.attention_probs_dropout_prob, "attention_dropout"),
+        attention_dropout=attn_rate,
         drop_path_rate=layers.check_rate(drop_path_rate, "drop_path_rate"),
         remat=layers.check_remat(remat),
+        attention=layers.check_attention(attention, attn_rate),
         init_std=c.initializer_range,
         add_pooling_layer=add_pooling_layer,
         pooler_size=getattr(c, "pooler_output_size", None),
