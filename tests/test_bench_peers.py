@@ -63,7 +63,7 @@ def test_repeated_gemm_runs_for_about_its_seconds_and_counts_every_call(monkeypa
 
 
 def test_mfu_quick_is_xla_flops_over_time_over_peak():
-    rows = _bench("mfu", "--quick")
+    rows = _bench("mfu", "--quick", "--batch", "4")  # the model's batch is 8: --batch sets another (a GPU's larger)
     at = lambda m: rows[("mfu/tiny-bert/full", m)]["value"]
     peak = rows[("mfu/peak", "peak_flops_per_s")]["value"]
     assert rows[("mfu/peak", "peak_flops_per_s")]["host_cpu"] == common.host_cpu()
@@ -81,7 +81,11 @@ def test_mfu_quick_is_xla_flops_over_time_over_peak():
     layer = 4 * 64 * 64 + 4 * 64 + 2 * 64 * 256 + 256 + 64 + 4 * 64
     n = 4 * layer + 2 * 64 + (64 * 64 + 64) + (64 * 4 + 4)  # + embedding norm, pooler, head
     assert rows[("mfu/tiny-bert/full", "six_n_tokens_flops")]["non_embedding_params"] == n
-    assert at("six_n_tokens_flops") == 6 * n * 8 * 32
+    assert at("six_n_tokens_flops") == 6 * n * 4 * 32 and rows[("mfu/tiny-bert/full", "mfu")]["batch"] == 4
+    from experiments.bench import mfu
+
+    with pytest.raises(ValueError, match="--batch 3: a positive count divisible by --jax_devices 2"):
+        mfu.run(True, jax_devices=2, batch_size=3)
 
 
 def test_mfu_peak_product_runs_bf16_on_the_bf16_kernels():
@@ -181,8 +185,15 @@ def test_accelerator_script_runs_every_benchmark_and_names_the_failed(tmp_path):
     out = subprocess.run(["bash", "experiments/bench/accelerator.sh"], env=env, capture_output=True, text=True)
     assert out.returncode == 1 and "# failed: peer " in out.stderr
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["memory_tiny-bert.jsonl", "memory_tiny-vit.jsonl", "mfu_tiny-bert.jsonl", "mfu_tiny-vit.jsonl",
-                       "peer.jsonl"]  # fmt: skip
+    assert written == [
+        "memory_tiny-bert.jsonl",
+        "memory_tiny-vit.jsonl",
+        "mfu_tiny-bert.jsonl",
+        "mfu_tiny-bert_b4.jsonl",
+        "mfu_tiny-vit.jsonl",
+        "mfu_tiny-vit_b4.jsonl",
+        "peer.jsonl",
+    ]
     assert (tmp_path / "out" / "mfu_tiny-vit.jsonl").read_text().startswith('{"name": "x"')
 
 
@@ -199,7 +210,8 @@ def test_accelerator_script_runs_only_the_benchmarks_asked_for(tmp_path):
                                       capture_output=True, text=True)  # fmt: skip
     assert run("mfu,memory").returncode == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "memory_tiny-bert.jsonl", "memory_tiny-vit.jsonl", "mfu_tiny-bert.jsonl", "mfu_tiny-vit.jsonl"]  # fmt: skip
+        "memory_tiny-bert.jsonl", "memory_tiny-vit.jsonl", "mfu_tiny-bert.jsonl", "mfu_tiny-bert_b4.jsonl",
+        "mfu_tiny-vit.jsonl", "mfu_tiny-vit_b4.jsonl"]  # fmt: skip
     out = run("peer,mem")
     assert out.returncode == 2 and "'mem' is none of peer, mfu, memory" in out.stderr
 

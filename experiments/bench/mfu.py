@@ -13,6 +13,8 @@ peak, the figure that a drift between rounds moves least).
 
     python -m experiments.bench mfu                    # real MiniLM-L6, batch 32 x 128
     python -m experiments.bench mfu --model bert-base  # any `bench peer` model
+    python -m experiments.bench mfu --model vit-b16 --batch 128   # another batch than the model's 32 (a GPU's
+                                                                  # utilisation grows with it)
     python -m experiments.bench mfu --quick
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.bench mfu --jax_devices 2
 
@@ -109,12 +111,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help=f"one of {sorted(peer.MODELS)} (default minilm; --quick: "
                         "tiny-bert)")  # fmt: skip
     parser.add_argument("--jax_devices", type=int, default=1, help="data parallel over N devices (CPU: fake ones)")
+    parser.add_argument("--batch", dest="batch_size", type=int, default=None,
+                        help="examples per step (default: the model's, 32)")  # fmt: skip
     peer.add_precision_argument(parser)
 
 
-def run(quick: bool, model=None, jax_devices: int = 1, precision: str = "auto", attention: str = "eager") -> list[dict]:
+def run(
+    quick: bool, model=None, jax_devices: int = 1, precision: str = "auto", attention: str = "eager", batch_size=None
+) -> list[dict]:
     name = model or ("tiny-bert" if quick else "minilm")
     check_devices(jax_devices)
+    if batch_size is not None and (batch_size < 1 or batch_size % jax_devices):
+        raise ValueError(f"--batch {batch_size}: a positive count divisible by --jax_devices {jax_devices}")
     device = jax.devices()[0]
     dtype = jnp.bfloat16 if peer.bf16({"precision": precision}, device.platform) else jnp.float32
     sizes = (256, 512) if quick else ((1024, 2048) if device.platform == "cpu" else (4096, 8192))
@@ -124,6 +132,7 @@ def run(quick: bool, model=None, jax_devices: int = 1, precision: str = "auto", 
               "jax_devices": jax_devices, "dtype": jnp.dtype(dtype).name, "attention": attention}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tljax-mfu-") as folder:
         s = peer.checkpoints([name], folder, precision, attention)[name]
+        s = {**s, "batch": batch_size or s["batch"]}
         loaded = peer.jax_load(s)
         batch = jax.device_put(peer.make_batch(s))
         compiled, state, part = peer.jax_step(loaded, "full", batch)
