@@ -96,6 +96,18 @@ def test_masked_estimators_do_not_depend_on_row_order(features):
     np.testing.assert_allclose(float(adaptation.masked_coral(x[order], t[order])), numpy_coral(xs, xt), atol=1e-5)
 
 
+def test_a_batch_with_one_domain_has_no_discrepancy(features):
+    """Regression: with no target (or no source) rows MMD was the source kernel's mean and CORAL the source
+    covariance's norm, so the loss pulled the features together; now both are 0 with a zero gradient."""
+    xs, _ = features
+    for t in (np.zeros(len(xs)), np.ones(len(xs))):
+        for loss in (adaptation.masked_mmd, adaptation.masked_coral):
+            value, grad = jax.value_and_grad(lambda x, loss=loss, t=t: loss(x, t))(jnp.asarray(xs))
+            assert float(value) == 0.0 and not np.asarray(grad).any()
+    with pytest.raises(ValueError, match="rows from both domains, got 12 source, 0 target"):
+        adaptation.mmd(xs, xs[:0])
+
+
 def test_mmd_bandwidth_is_not_differentiated(features):
     """The bandwidth is a stop_gradient constant: the gradient equals that of MMD at the fixed bandwidth."""
     xs, xt = features

@@ -156,6 +156,53 @@ def test_bad_masks_and_empty_data_are_errors(examples):
         evaluation.evaluate(fixed(), [])
 
 
+def test_rows_labels_and_num_classes_are_checked_before_any_metric(examples):
+    """Regressions: rows past a given `num_classes` dropped out of every count (accuracy 1.0 on half the data);
+    labels (B, 1) and batches with fewer labels than logits failed deep inside jit; a padding row labelled -1 (the
+    "no label" value) was refused although padding rows are never read."""
+    logits, labels = examples
+    batch = batches(logits, labels)[0]
+    with pytest.raises(ValueError, match="num_classes=7, but the model's logits have 6 classes"):
+        evaluation.evaluate(fixed(), [batch], num_classes=7)
+    with pytest.raises(ValueError, match=r"one class index per row.*\(16, 1\): squeeze the last axis"):
+        evaluation.evaluate(fixed(), [{**batch, "labels": batch["labels"][:, None]}])
+    for call in (evaluation.evaluate, evaluation.predict):
+        with pytest.raises(ValueError, match="different numbers of rows: {'pixel_values': 16, 'labels': 15"):
+            call(fixed(), [{"pixel_values": batch["pixel_values"], "labels": batch["labels"][:15]}])
+    last = batches(logits, labels)[-1]  # 13 examples and 3 padding rows
+    want = evaluation.evaluate(fixed(), [last])
+    last["labels"] = np.where(last["mask"] > 0, last["labels"], -1)
+    assert evaluation.evaluate(fixed(), [last]) == want
+    with pytest.raises(ValueError, match=r"label -1 \(row 0\) is outside \[0, 6\)"):
+        evaluation.evaluate(fixed(), [{**last, "labels": np.r_[-1, last["labels"][1:]]}])
+
+
+def test_rows_with_nan_logits_are_wrong_predictions_and_named(examples):
+    """Regression: a row of NaN logits counted as a prediction of class 0 (all-NaN logits scored accuracy 0.5 on
+    a balanced set), and `to_json` left the NaN loss in, so `json.dumps(allow_nan=False)` failed."""
+    logits, labels = examples
+    logits = logits.copy()
+    bad = np.flatnonzero(labels == 0)[:3]  # rows whose argmax would name their true class 0
+    logits[bad] = np.nan
+    logits[bad[0], 1] = np.inf
+    with pytest.warns(UserWarning, match="3 of 45 example rows have NaN or \\+inf logits"):
+        report = evaluation.evaluate_detailed(fixed(), batches(logits, labels))
+    ok = np.setdiff1d(np.arange(N), bad)
+    pred = np.where(np.isin(np.arange(N), bad), -1, logits.argmax(-1))
+    assert report.metrics["accuracy"] == pytest.approx(np.mean(pred == labels))
+    assert report.metrics["nonfinite_rows"] == 3 and np.isnan(report.metrics["loss"])
+    assert report.support.sum() == N and report.confusion.sum() == N - 3
+    assert report.calibration.count.sum() == N - 3
+    assert report.metrics["top5_accuracy"] == pytest.approx(
+        np.mean([labels[i] in np.argsort(-logits[i])[:5] for i in ok]) * len(ok) / N
+    )
+    assert json.loads(json.dumps(report.to_json(), allow_nan=False))["metrics"]["loss"] is None
+    with pytest.warns(UserWarning, match="3 of 45 rows have NaN or \\+inf logits"):
+        evaluation.predict(fixed(), batches(logits, labels))
+    clean = evaluation.evaluate_detailed(fixed(), batches(examples[0], labels))
+    assert "nonfinite_rows" not in clean.metrics
+
+
 def one_device():
     return parallel.make_mesh(jax.devices()[:1])
 

@@ -103,6 +103,17 @@ def test_with_head_model_extracts_its_backbone(bert, tiny_bert_dir):
     np.testing.assert_array_equal(got.x, want.x)
 
 
+def test_integer_label_columns_are_refused_soft_labels_are_argmaxed(bert):
+    """Regression: any 2-D labels were argmaxed, so (B, 1) labels became all 0 and multi-task (B, tasks) labels
+    the index of the task column."""
+    batch = _batches()[0]
+    labels = np.arange(len(batch["input_ids"])) % 3
+    with pytest.raises(ValueError, match=r"got shape \(\d+, 1\) and dtype int64"):
+        features.extract(bert, [{**batch, "labels": labels[:, None]}])
+    soft = np.eye(3, dtype=np.float32)[labels]
+    np.testing.assert_array_equal(features.extract(bert, [{**batch, "labels": soft}]).labels, labels)
+
+
 @pytest.mark.parametrize("layer", [2, -3, True, 1.0])
 def test_layer_out_of_range(bert, layer):
     with pytest.raises(ValueError, match="out of range.*2 blocks"):

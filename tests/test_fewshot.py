@@ -128,6 +128,8 @@ def test_unknown_classifier_and_out_of_range_rows():
         fewshot.evaluate(x, eps, "svm")
     with pytest.raises(ValueError, match="but x has 10"):
         fewshot.evaluate(x[:10], eps)
+    with pytest.raises(ValueError, match="must be \\(rows, dim\\)"):
+        fewshot.evaluate(x[:, 0], eps)
 
 
 # --- text zero-shot ---

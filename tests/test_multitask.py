@@ -247,6 +247,27 @@ def test_freezing_schedule_acts_on_the_shared_backbone(mt):
     assert not any(p.startswith(("backbone/encoder/layer_0/", "backbone/embeddings/")) for p in moved)
 
 
+def test_labels_outside_a_heads_classes_stop_training_with_the_task_named(mt):
+    """Regression: a label past a task's classes made that task's loss NaN (the engine then blamed the learning
+    rate), one below -1 silently dropped its row, and the sampler took a negative label as "no label"."""
+    sched = FreezingSchedule((Phase(1, rules="linear_probe", learning_rate=1e-2),))
+    data = multitask.MixedTrainData(
+        {"a": token_records(8, 0, 5), "b": token_records(8, 1, 2)}, {"a": 0.5, "b": 0.5}, batch_size=8, threads=0
+    )  # task a's records have labels up to 4; its head has 3 classes
+    config = EngineConfig(devices=1, progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match=r"task 'a' has label [34] \(row \d+\), outside \[0, 3\)"):
+        engine.fit(mt, sched, data, config, loss_fn=multitask.MultiTaskLoss(tuple(TASKS)))
+    loss = multitask.MultiTaskLoss(tuple(TASKS))
+    with pytest.raises(ValueError, match="task 'b' has label -7"):
+        loss.check_labels({"labels": np.array([[0, -1], [-1, -7]])}, TASKS)
+    loss.check_labels({"labels": np.array([[2, -1], [-1, 1]])}, TASKS)  # in range, and -1 = no label: accepted
+    records = token_records(4, 0, 3)
+    records[1]["label"] = -7
+    sampler = multitask.MixedTrainData({"a": records}, {"a": 1.0}, batch_size=4, threads=0)
+    with pytest.raises(ValueError, match=r"task 'a': record \d has label -7"):
+        sampler.batch(0)
+
+
 def test_evaluate_tasks_matches_the_multitask_outputs(mt):
     batch = make_batch(n=8, seed=2)
     out = outputs_of(mt, mt.params, batch)

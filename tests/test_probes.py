@@ -141,3 +141,16 @@ def test_errors():
         probes.knn(Features(train.x, np.full(10, -1)), train, k=1)
     with pytest.raises(ValueError, match="equal non-empty"):
         probes.accuracy(np.zeros(3), np.zeros(4))
+    # Regressions: mismatched lengths made kNN clamp its neighbour lookup (predictions, no error), and other widths
+    # failed inside a matrix product
+    with pytest.raises(ValueError, match=r"x \(10, 6\) and labels \(9,\)"):
+        Features(train.x, train.labels[:9])
+    narrow = train.x[:, :5]
+    for call in (
+        lambda: probes.knn(train, narrow, k=3),
+        lambda: probes.nearest_class_mean(train, narrow),
+        lambda: probes.logistic_regression(train, Features(narrow, train.labels)),
+        lambda: probes.logistic_regression(train, train, l2_grid=[1.0]).predict(narrow),
+    ):
+        with pytest.raises(ValueError, match=r"shape \(10, 5\), but the classifier was fitted on \(N, 6\)"):
+            call()

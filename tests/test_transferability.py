@@ -69,6 +69,18 @@ def test_logme_prefers_features_that_carry_the_label():
     assert tr.h_score(x, y) > 10 * tr.h_score(noise, y)
 
 
+def test_logme_of_all_zero_features_is_the_noise_models_evidence():
+    """Regression: features of rank 0 (a dead layer) gave NaN, which breaks a ranking; their evidence is the noise
+    model's (weights pinned to 0, alpha -> inf), below that of features that carry the label."""
+    x, y = planted(4, 200, 8, 2, 1.0)
+    t = (y == 0).astype(np.float64)
+    noise_only = np.mean([(len(t) * np.log(b) - b * (v @ v) - len(t) * np.log(2 * np.pi)) / 2 / len(t)
+                          for v in (t, 1 - t) for b in [len(t) / (v @ v)]])  # fmt: skip
+    zero = tr.logme(np.zeros_like(x), y)
+    assert np.isfinite(zero) and zero == pytest.approx(noise_only, rel=1e-6)
+    assert tr.logme(x, y) > zero
+
+
 def direct_h_score(x, y):
     cov = np.cov(x, rowvar=False, bias=True)
     mu = x.mean(0)

@@ -349,7 +349,9 @@ def fit(
       train_data: `train_data(step)` -> iterator of this process's batches starting at global `step` (resumable);
         or an iterable of batches, for runs that start at step 0.
       eval_data: `eval_data()` -> iterable of this process's eval batches (labels, optional `mask`).
-      loss_fn: `loss_fn(outputs, batch) -> (loss, metrics)`.
+      loss_fn: `loss_fn(outputs, batch) -> (loss, metrics)`. For a model with one logits array per head, a loss
+        with a `check_labels(batch, {head: classes}, where)` method (`multitask.MultiTaskLoss`) checks each
+        training batch's labels on the host before the step.
     """
     run = _Run(loaded, schedule, train_data, config, eval_data, loss_fn)
     try:
@@ -414,7 +416,7 @@ class _Run:
         candidate = (self.ckpts.latest_step() or 0) if self.ckpts else 0
         data = _iterator(self.train_data, candidate)
         first = self._next(data, candidate)
-        self.plan, self.classes = self._resolve(first)
+        self.plan, self.classes, self.heads = self._resolve(first)
         start, state = self._restore()
         if start != candidate:  # the newest checkpoint was damaged: restart the data where the restored one was
             data = _iterator(self.train_data, start)
@@ -456,15 +458,17 @@ class _Run:
         return FitResult(host, self.history, status, last, self.plan, list(self.evals.rows), best)
 
     def _resolve(self, batch):
-        """Unused parameters, number of classes and the plan, from the model, the loss and one batch's shapes."""
+        """The plan, the number of classes (or of each head's classes), from the model, the loss and one batch's
+        shapes; unused parameters are logged."""
         loaded, c = self.loaded, self.config
         unused = task.unused_params(loaded.model, loaded.params, batch, collections=loaded.state, loss_fn=self.loss_fn)
         classes = task.num_classes(loaded.model, loaded.params, batch, collections=loaded.state)
+        heads = None if classes else task.head_classes(loaded.model, loaded.params, batch, collections=loaded.state)
         plan = freezing.resolve(self.schedule, loaded, steps_per_epoch=c.steps_per_epoch, unused=unused, **c.optimizer)
         if unused:
             log.info("%d parameter(s) are not reached by the loss and stay frozen: %s", len(unused), sorted(unused)[:8])
         log.info("plan of schedule %r:\n%s", self.schedule.name, plan.summary())
-        return plan, classes
+        return plan, classes, heads
 
     def _restore(self):
         if self.ckpts is None:
@@ -510,6 +514,8 @@ class _Run:
 
     def _placed(self, batch, step: int):
         task.check_labels(batch, self.classes, where=f"training batch for step {step}")
+        if self.heads and hasattr(self.loss_fn, "check_labels"):  # one logits array per head: the loss maps columns
+            self.loss_fn.check_labels(batch, self.heads, where=f"training batch for step {step}")
         return self.place.batch(batch)
 
     def _prefix(self, phase: freezing.PlannedPhase, state) -> _Prefix | None:

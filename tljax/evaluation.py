@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -60,6 +61,12 @@ def _valid_rows(batch: Mapping, rows: int) -> jax.Array:
 def _nll_sum(logits, labels, valid) -> jax.Array:
     losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
     return jnp.where(valid, losses, 0.0).sum()
+
+
+def nonfinite_rows(logits) -> jax.Array:
+    """(B,) rows whose logits hold NaN or +inf: they name no class (argmax would say class 0). -inf is a class
+    ruled out, not an error."""
+    return jnp.isnan(logits).any(-1) | jnp.isposinf(logits).any(-1)
 
 
 def _top_k_hits(logits, labels, valid, top_k: int) -> dict:
@@ -101,20 +108,26 @@ def make_eval_step(model, *, top_k: int = 5, bins: int = ECE_BINS, max_confusion
     """`eval_step(params, collections, batch) -> sums` over the batch's example rows (mask 1), to jit.
 
     Sums (not means) so batches of any size aggregate exactly: `loss`, `top{k}_correct`, per-class `support`,
-    `predicted`, `true_positives`, calibration `bin_count` / `bin_correct` / `bin_confidence`, and `confusion`
-    when the model has at most `max_confusion_classes` classes. `report_from_sums` turns their totals into metrics.
+    `predicted`, `true_positives`, calibration `bin_count` / `bin_correct` / `bin_confidence`, `nonfinite_rows`
+    (rows whose logits hold NaN or +inf: counted as wrong, in no bin), and `confusion` when the model has at most
+    `max_confusion_classes` classes (a non-finite row in no column). `report_from_sums` turns their totals into metrics.
     """
 
     def eval_step(params, collections, batch):
         logits = _logits(model, params, collections, batch)
         labels = hard_labels(batch["labels"])
         valid = _valid_rows(batch, labels.shape[0])
-        preds, classes = logits.argmax(-1), logits.shape[-1]
+        classes = logits.shape[-1]
+        # A row with NaN or +inf logits predicts nothing: no class (an index past the last, which the counts'
+        # scatters drop), never correct, outside the calibration bins; argmax would call it class 0.
+        nonfinite = nonfinite_rows(logits)
+        preds, finite = jnp.where(nonfinite, classes, logits.argmax(-1)), valid & ~nonfinite
         sums = {
             "loss": _nll_sum(logits, labels, valid),
-            **_top_k_hits(logits, labels, valid, top_k),
+            **_top_k_hits(logits, labels, finite, top_k),
             **_class_counts(labels, preds, valid, classes),
-            **_calibration_sums(logits, preds == labels, valid, bins),
+            **_calibration_sums(logits, preds == labels, finite, bins),
+            "nonfinite_rows": (valid & nonfinite).sum(),
         }
         if classes <= max_confusion_classes:
             sums["confusion"] = _confusion(labels, preds, valid, classes)
@@ -133,17 +146,20 @@ def jitted_eval_step(model):
     return jax.jit(make_eval_step(model))
 
 
-def check_mask(batch: Mapping, where: str = "batch") -> None:
-    """Raises a ValueError unless the batch's `mask` (if any) is (B,) of 0 and 1.
+def check_rows(batch: Mapping, where: str = "batch") -> None:
+    """Raises a ValueError unless every array of the batch has the same number of rows and its `mask` (if any)
+    is (B,) of 0 and 1.
 
     Metrics count rows, so a fractional weight would count as a whole example in the confusion matrix but as a
     fraction in nothing else; refusing it keeps every metric about the same rows."""
+    rows = {k: np.shape(v)[0] for k, v in batch.items() if np.ndim(v)}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"{where}: its arrays have different numbers of rows: {rows}; each row is one example")
     if "mask" not in batch:
         return
     mask = np.asarray(batch["mask"])
-    rows = {np.shape(v)[0] for k, v in batch.items() if k != "mask" and np.ndim(v)}
-    if mask.ndim != 1 or rows - {mask.shape[0]}:
-        raise ValueError(f"{where}: mask has shape {mask.shape}, but the batch has {sorted(rows)} rows")
+    if mask.ndim != 1:
+        raise ValueError(f"{where}: mask has shape {mask.shape}, it must be (batch,): 1 per example, 0 per padding row")
     if not np.isin(mask, (0, 1)).all():
         raise ValueError(f"{where}: mask must hold 0 (padding row) or 1 (example), got values {np.unique(mask)[:5]}")
 
@@ -185,6 +201,8 @@ def macro_f1(true_positives: np.ndarray, support: np.ndarray, predicted: np.ndar
 def expected_calibration_error(bin_count: np.ndarray, bin_correct: np.ndarray, bin_confidence: np.ndarray) -> float:
     """sum_m |B_m| / n * |acc(B_m) - conf(B_m)| = sum_m |correct_m - confidence_m| / n (Guo et al., 2017)."""
     n = bin_count.sum()
+    if n == 0:
+        return math.nan  # no row with finite logits
     return float(np.abs(bin_correct - bin_confidence).sum() / n)
 
 
@@ -213,10 +231,10 @@ class EvalReport:
     label_names: tuple[str, ...] | None = None
 
     def to_json(self) -> dict:
-        """Plain lists and numbers (NaN as None) for `json.dumps(..., allow_nan=False)`."""
+        """Plain lists and numbers (NaN and inf as None) for `json.dumps(..., allow_nan=False)`."""
         cal = self.calibration
         return {
-            "metrics": dict(self.metrics),
+            "metrics": {k: None if not math.isfinite(v) else v for k, v in self.metrics.items()},
             "label_names": None if self.label_names is None else list(self.label_names),
             "support": self.support.tolist(),
             "per_class_accuracy": _json_floats(self.per_class_accuracy),
@@ -231,7 +249,7 @@ class EvalReport:
 
 
 def _json_floats(x: np.ndarray) -> list:
-    return [None if math.isnan(v) else float(v) for v in np.asarray(x, np.float64).ravel()]
+    return [float(v) if math.isfinite(v) else None for v in np.asarray(x, np.float64).ravel()]
 
 
 def _names(label_names: Sequence[str] | None, classes: int) -> tuple[str, ...] | None:
@@ -261,6 +279,14 @@ def report_from_sums(totals: Mapping[str, np.ndarray], label_names: Sequence[str
     metrics["balanced_accuracy"] = float(np.nanmean(recall))
     count, correct, confidence = (np.asarray(totals[k]) for k in ("bin_count", "bin_correct", "bin_confidence"))
     metrics["ece"] = expected_calibration_error(count, correct, confidence)
+    nonfinite = int(totals.get("nonfinite_rows", 0))
+    if nonfinite:
+        metrics["nonfinite_rows"] = nonfinite
+        warnings.warn(
+            f"{nonfinite} of {n} example rows have NaN or +inf logits (a diverged model, or NaN in the inputs): "
+            "they count as wrong predictions, the loss is NaN and the ECE covers the other rows",
+            stacklevel=2,
+        )
     calibration = Calibration(
         np.linspace(0.0, 1.0, len(count) + 1), count, _ratio(correct, count), _ratio(confidence, count)
     )
@@ -288,6 +314,15 @@ def _variables(loaded, params, collections, mesh: Mesh) -> tuple:
     return _on_mesh(params, mesh), _on_mesh(collections, mesh)
 
 
+def _model_classes(loaded, params, collections, batch: Mapping, expected: int | None) -> int:
+    """The width of the model's logits (traced, not computed), which must equal `expected` when one is given."""
+    logits = jax.eval_shape(functools.partial(_logits, loaded.model), params, collections, model_inputs(batch))
+    classes = int(logits.shape[-1])
+    if expected is not None and expected != classes:
+        raise ValueError(f"num_classes={expected}, but the model's logits have {classes} classes")
+    return classes
+
+
 def evaluate_detailed(
     loaded,
     data: Iterable[Mapping],
@@ -307,7 +342,8 @@ def evaluate_detailed(
       params, collections: e.g. a trained `TrainState`'s `params` and `collections` (BatchNorm statistics).
       mesh: the devices batches are sharded over (default: all devices, data parallel).
       eval_step: a jitted `make_eval_step(...)` to reuse (the engine passes one, so it compiles once).
-      num_classes: labels are checked against it; read from the model's logits when None.
+      num_classes: labels are checked against it; read from the model's logits when None (a different number
+        is an error: labels past the logits would drop out of every count).
       label_names: one name per class, kept in the report.
 
     Returns:
@@ -320,10 +356,10 @@ def evaluate_detailed(
     def device_sums():
         nonlocal num_classes
         for i, local in enumerate(data):
-            if num_classes is None:
-                num_classes = task.num_classes(loaded.model, params, local, collections=collections)
+            if i == 0:
+                num_classes = _model_classes(loaded, params, collections, local, num_classes)
             task.check_labels(local, num_classes, where=f"eval batch {i}")
-            check_mask(local, where=f"eval batch {i}")
+            check_rows(local, where=f"eval batch {i}")
             yield eval_step(params, collections, parallel.global_batch(parallel.pad_to_devices(local, mesh), mesh))
 
     totals: dict = {}
@@ -464,9 +500,10 @@ def predict(
     def device_outputs():
         nonlocal classes
         for i, local in enumerate(data):
-            classes = classes or task.num_classes(loaded.model, params, local, collections=collections)
+            if i == 0:
+                classes = _model_classes(loaded, params, collections, local, None)
             task.check_labels(local, classes, where=f"batch {i}")
-            check_mask(local, where=f"batch {i}")
+            check_rows(local, where=f"batch {i}")
             local = parallel.pad_to_devices(local, mesh)
             rows = len(next(iter(model_inputs(local).values())))
             kept.append(np.asarray(local["mask"]) > 0 if "mask" in local else np.ones(rows, bool))
@@ -477,6 +514,13 @@ def predict(
     if not outs:
         raise ValueError("predict saw no batches: the data is empty")
     logits, top = (np.concatenate(parts) for parts in zip(*outs, strict=True))
+    nonfinite = int(nonfinite_rows(logits).sum())
+    if nonfinite:
+        warnings.warn(
+            f"{nonfinite} of {len(logits)} rows have NaN or +inf logits (a diverged model, or NaN in the inputs): "
+            "their predicted labels and probabilities mean nothing",
+            stacklevel=2,
+        )
     probs = _softmax(logits)
     top_probs = np.take_along_axis(probs, top, -1)
     names = _names(label_names, logits.shape[-1])

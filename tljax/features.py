@@ -51,6 +51,11 @@ class Features:
     layer: int | None = None  # block index (non-negative), None for the final output
     pooling: str = "cls"
 
+    def __post_init__(self):
+        x, labels = np.shape(self.x), np.shape(self.labels)
+        if not x or len(labels) != 1 or x[0] != labels[0]:  # x (N, ...): the prefix cache keeps (N, T, D)
+            raise ValueError(f"Features need x (N, D) and labels (N,) with the same N, got x {x} and labels {labels}")
+
     def __len__(self) -> int:
         return len(self.x)
 
@@ -174,7 +179,13 @@ def _labels_and_keep(batch: Mapping, n: int) -> tuple[np.ndarray, np.ndarray]:
     if labels is None:
         labels = np.full((n,), -1, np.int64)
     labels = np.asarray(labels)
-    labels = labels.argmax(-1) if labels.ndim == 2 else labels  # soft labels (mixup) -> their argmax
+    if labels.ndim == 2 and np.issubdtype(labels.dtype, np.floating):
+        labels = labels.argmax(-1)  # soft labels (mixup) -> their argmax
+    elif labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"batch labels must be (batch,) class indices or float (batch, classes) probabilities, got shape "
+            f"{labels.shape} and dtype {labels.dtype} (multi-task labels: one task's column, labels[:, t])"
+        )
     keep = np.asarray(batch["mask"]) > 0 if "mask" in batch else np.ones((n,), bool)
     return labels.astype(np.int64), keep
 

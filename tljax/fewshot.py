@@ -188,6 +188,8 @@ def evaluate(x: np.ndarray, eps: Episodes, classifier: str | Callable = "prototy
             raise ValueError(f"unknown few-shot classifier {classifier!r}; choose one of {sorted(CLASSIFIERS)}")
         classifier = CLASSIFIERS[classifier]
     x = np.asarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"few-shot features must be (rows, dim), got shape {x.shape}")
     if eps.support.max() >= len(x) or eps.query.max() >= len(x):
         raise ValueError(f"episodes index rows up to {max(eps.support.max(), eps.query.max())} but x has {len(x)}")
     ys, yq = eps.support_labels, eps.query_labels

@@ -313,7 +313,7 @@ class _Evaluator:
         totals: dict = {}
         for i, batch in enumerate(self.eval_data()):
             task.check_labels(batch, self.classes, where=f"eval batch {i}")
-            evaluation.check_mask(batch, where=f"eval batch {i}")
+            evaluation.check_rows(batch, where=f"eval batch {i}")
             evaluation.add_sums(totals, jax.device_get(self.sums(own, shared, collections, dict(batch))))
         if not totals:
             raise ValueError("evaluation saw no examples: the eval data is empty")

@@ -261,7 +261,9 @@ class MixedTrainData:
                 record = dict(self.splits[task][self._example(k, pos)])
                 if "label" not in record:
                     raise ValueError(f"task {task!r}: record {pos} has no 'label' (keys {sorted(record)})")
-                labels[j, k] = record.pop("label")
+                labels[j, k] = label = record.pop("label")
+                if label < 0:
+                    raise ValueError(f"task {task!r}: record {pos} has label {label}; labels are class indices >= 0")
                 records[j] = record
         batch = dict(self.collate(records))
         batch.pop("labels", None)
@@ -340,6 +342,22 @@ class MultiTaskLoss:
             )
         if self.uncertainty and "log_vars" not in outputs:
             raise ValueError("uncertainty weighting needs the model's log-variances: load with uncertainty=True")
+
+    def check_labels(self, batch: Mapping, classes: Mapping[str, int], where: str = "batch") -> None:
+        """Raises a ValueError naming the first label of column k outside [0, classes[task k]) and not -1 (on the
+        host, before the step: in the step a label past a head's classes makes its loss NaN, one below -1 drops
+        the row)."""
+        labels = np.asarray(batch["labels"])
+        if labels.ndim != 2 or labels.shape[1] != len(self.tasks):
+            return  # the traced step's `_check` names the shape
+        for k, t in enumerate(self.tasks):
+            col, n = labels[:, k], classes.get(t)
+            bad = np.flatnonzero((col != NO_LABEL) & ((col < 0) | (col >= (n if n is not None else np.inf))))
+            if bad.size:
+                raise ValueError(
+                    f"{where}: task {t!r} has label {int(col[bad[0]])} (row {int(bad[0])}), outside [0, {n}) and not "
+                    f"{NO_LABEL} (no label): check the task's label map, or its head's number of classes"
+                )
 
 
 def _task_terms(logits, labels):

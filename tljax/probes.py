@@ -62,8 +62,12 @@ def standardizer(x: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarr
     return mean.astype(np.float32), np.where(std < eps, 1.0, std).astype(np.float32)
 
 
-def _queries(query: Features | np.ndarray) -> np.ndarray:
-    return np.asarray(query.x if isinstance(query, Features) else query, np.float32)
+def _queries(query: Features | np.ndarray, width: int, what: str = "query") -> np.ndarray:
+    """Query rows as float32 (N, width): the width the classifier was fitted on."""
+    x = np.asarray(query.x if isinstance(query, Features) else query, np.float32)
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"{what} features have shape {x.shape}, but the classifier was fitted on (N, {width}) ones")
+    return x
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Probe:
     val_accuracy: dict
 
     def scores(self, x: Features | np.ndarray) -> np.ndarray:
-        return np.asarray(self.apply_fn(self.params, jnp.asarray(_queries(x))))
+        return np.asarray(self.apply_fn(self.params, jnp.asarray(_queries(x, np.shape(self.params["mean"])[-1]))))
 
     def predict_proba(self, x: Features | np.ndarray) -> np.ndarray:
         return np.asarray(jax.nn.softmax(self.scores(x), axis=-1))
@@ -185,7 +189,7 @@ def logistic_regression(
     """
     classes, y = class_index(train)
     mean, std = standardizer(train.x)
-    z, zv = (train.x - mean) / std, (val.x - mean) / std
+    z, zv = (train.x - mean) / std, (_queries(val, train.x.shape[1], "validation") - mean) / std
     fits, val_accuracy, params = {}, {}, None
     for l2 in sorted((float(v) for v in l2_grid), reverse=True):
         params, iterations = fit_logistic(z, y, len(classes), l2, init=params, max_iter=max_iter, tol=tol)
@@ -298,7 +302,8 @@ def mlp_probe(
     """
     classes, y = class_index(train)
     mean, std = standardizer(train.x)
-    z, zv, y = jnp.asarray((train.x - mean) / std), jnp.asarray((val.x - mean) / std), jnp.asarray(y)
+    zv = jnp.asarray((_queries(val, train.x.shape[1], "validation") - mean) / std)
+    z, y = jnp.asarray((train.x - mean) / std), jnp.asarray(y)
     module = MLP(hidden, len(classes), dropout)
     init_key, key = jax.random.split(jax.random.key(seed))
     params = _mlp_init(init_key, z[:1], module=module)
@@ -363,7 +368,7 @@ def knn(
     if not 1 <= k <= len(train):
         raise ValueError(f"k={k} must be between 1 and the number of training rows ({len(train)})")
     check_metric(metric)
-    t, y, q = jnp.asarray(train.x), jnp.asarray(y), _queries(query)
+    t, y, q = jnp.asarray(train.x), jnp.asarray(y), _queries(query, train.x.shape[1])
     if len(q) == 0:
         return classes[:0]
     chunk = min(batch_size, len(q))
@@ -388,5 +393,5 @@ def nearest_class_mean(train: Features, query: Features | np.ndarray, metric: st
     """Prototype classifier: each query gets the class whose mean is nearest (highest cosine similarity, or
     smallest euclidean distance), the few-shot baseline of prototypical networks and SimpleShot."""
     classes, means = class_means(train, check_metric(metric))
-    sim = _similarity(jnp.asarray(_queries(query)), jnp.asarray(means), metric)
+    sim = _similarity(jnp.asarray(_queries(query, means.shape[1])), jnp.asarray(means), metric)
     return classes[np.asarray(sim.argmax(-1))]

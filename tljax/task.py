@@ -64,19 +64,33 @@ def unused_params(
     return frozenset(p for p, used in zip(paths, used_inputs[: len(paths)], strict=True) if not used)
 
 
-def num_classes(model, params, batch: Mapping, *, collections: Mapping | None = None) -> int | None:
-    """Width of the model's `logits` for this batch structure (None when logits are not one array)."""
+def _logits_spec(model, params, batch: Mapping, collections: Mapping | None):
+    """The shape (traced, not computed) of the model's `logits` output for this batch structure, or None."""
     variables = {"params": params, **dict(collections or {})}
     specs = jax.tree.map(_spec, (variables, model_inputs(batch)))
     out = jax.eval_shape(lambda v, b: model.apply(v, **b), *specs)
-    logits = out.get("logits") if isinstance(out, Mapping) else None
+    return out.get("logits") if isinstance(out, Mapping) else None
+
+
+def num_classes(model, params, batch: Mapping, *, collections: Mapping | None = None) -> int | None:
+    """Width of the model's `logits` for this batch structure (None when logits are not one array)."""
+    logits = _logits_spec(model, params, batch, collections)
     return int(logits.shape[-1]) if isinstance(logits, jax.ShapeDtypeStruct) else None
 
 
-def check_labels(batch: Mapping, classes: int | None, where: str = "batch") -> None:
-    """Raises a ValueError naming the first label outside `[0, classes)` (cheap: one min/max on the host).
+def head_classes(model, params, batch: Mapping, *, collections: Mapping | None = None) -> dict[str, int] | None:
+    """{head: width of its logits} of a model with one logits array per head (multi-task), else None."""
+    logits = _logits_spec(model, params, batch, collections)
+    if not isinstance(logits, Mapping):
+        return None
+    return {str(k): int(v.shape[-1]) for k, v in logits.items() if isinstance(v, jax.ShapeDtypeStruct)}
 
-    Integer labels (B,) must be class indices; float labels (B, classes) are probabilities (mixup / cutmix).
+
+def check_labels(batch: Mapping, classes: int | None, where: str = "batch") -> None:
+    """Raises a ValueError naming the first label outside `[0, classes)` (cheap: a pass over the labels on the host).
+
+    Integer labels (B,) must be class indices; float labels (B, classes) are probabilities (mixup / cutmix). Rows
+    whose `mask` is 0 are padding: their labels are not read, so they may hold anything (e.g. -1).
     """
     if classes is None or "labels" not in batch:
         return
@@ -92,10 +106,17 @@ def check_labels(batch: Mapping, classes: int | None, where: str = "batch") -> N
             f"{where}: labels must be integer class indices (or float (batch, {classes}) probabilities), "
             f"got dtype {labels.dtype} and shape {labels.shape}"
         )
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        bad = int(labels[(labels < 0) | (labels >= classes)].flat[0])
-        row = int(np.flatnonzero((labels.ravel() < 0) | (labels.ravel() >= classes))[0])
+    if labels.ndim != 1:
         raise ValueError(
-            f"{where}: label {bad} (row {row}) is outside [0, {classes}): the model has num_classes={classes}. "
-            "Check the label map of the data, or load the model with the right num_classes."
+            f"{where}: integer labels must be one class index per row, shape (batch,), got shape {labels.shape}"
+            + (": squeeze the last axis" if labels.ndim == 2 and labels.shape[-1] == 1 else "")
+        )
+    rows = np.arange(len(labels))
+    if "mask" in batch and np.shape(batch["mask"]) == labels.shape:
+        rows = rows[np.asarray(batch["mask"]) > 0]
+    bad = rows[(labels[rows] < 0) | (labels[rows] >= classes)]
+    if bad.size:
+        raise ValueError(
+            f"{where}: label {int(labels[bad[0]])} (row {int(bad[0])}) is outside [0, {classes}): the model has "
+            f"num_classes={classes}. Check the label map of the data, or load the model with the right num_classes."
         )

@@ -106,9 +106,13 @@ def class_evidence(
     (t + sigma)^2 and the residual ||y - F m||^2 = sum (t z / (t + sigma))^2 + (||y||^2 - ||z||^2); gamma = sum
     sigma / (t + sigma) counts the well-determined directions, and MacKay's updates are alpha = gamma / ||m||^2,
     beta = (N - gamma) / ||y - F m||^2. The evidence uses log|A| for A = alpha I_D + beta F^T F: the D - k
-    directions outside the span of F contribute log(alpha) each.
+    directions outside the span of F contribute log(alpha) each. Features of rank 0 (k = 0) explain nothing: their
+    evidence is the limit alpha -> inf (w = 0), the noise model's, which no features' maximum falls below.
     """
     n = len(y)
+    if not len(sigma):  # features of rank 0 (all zero: a dead layer): y is noise alone, the limit alpha -> inf
+        beta = n / (y @ y + EPS)
+        return float((n * np.log(beta) - beta * (y @ y) - n * np.log(2 * np.pi)) / 2 / n), np.inf, float(beta)
     z2 = (u.T @ y) ** 2
     outside = y @ y - z2.sum()  # the part of y no linear map of F reaches
     alpha, beta = 1.0, 1.0

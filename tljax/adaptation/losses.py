@@ -63,6 +63,13 @@ def dann_coefficient(progress, gamma: float = 10.0) -> jax.Array:
 # ---- discrepancies ------------------------------------------------------------------------------------------------
 
 
+def _both_domains(is_target) -> jax.Array:
+    """Whether the batch has source and target rows: without both there is no discrepancy to measure (0), rather
+    than one domain's spread, which the loss would then shrink."""
+    t = jnp.asarray(is_target).astype(jnp.float32)
+    return (t.sum() > 0) & ((1.0 - t).sum() > 0)
+
+
 def _signed_weights(is_target) -> jax.Array:
     """+1/n_s on source rows, -1/n_t on target rows (w^T K w is then the MMD^2 V-statistic)."""
     t = jnp.asarray(is_target).astype(jnp.float32)
@@ -82,8 +89,9 @@ def masked_mmd(features, is_target, *, kernels: int = 5, kernel_mul: float = 2.0
     i = -(kernels // 2) ... , with s the mean squared distance over distinct pairs of the pooled rows (under
     stop_gradient: the features must not shrink the bandwidth to win), unless `bandwidth` gives s.
 
-    The biased estimate is >= 0 and includes the k(x, x) terms; with a few dozen rows per domain its bias is small
-    beside the batch-to-batch noise, and it never goes negative (the unbiased one does, which makes a poor loss).
+    0 when the batch lacks one domain. The biased estimate is >= 0 and includes the k(x, x) terms; with a few dozen
+    rows per domain its bias is small beside the batch-to-batch noise, and it never goes negative (the unbiased one
+    does, which makes a poor loss).
     """
     x = jnp.asarray(features, jnp.float32)
     d2 = squared_distances(x)
@@ -92,7 +100,7 @@ def masked_mmd(features, is_target, *, kernels: int = 5, kernel_mul: float = 2.0
     scales = kernel_mul ** (jnp.arange(kernels, dtype=jnp.float32) - kernels // 2)
     k = jnp.exp(-d2[None] / (s * scales)[:, None, None]).sum(0)
     w = _signed_weights(is_target)
-    return w @ k @ w
+    return jnp.where(_both_domains(is_target), w @ k @ w, 0.0)
 
 
 def _covariance(x: jax.Array, rows: jax.Array) -> jax.Array:
@@ -104,14 +112,16 @@ def _covariance(x: jax.Array, rows: jax.Array) -> jax.Array:
 
 def masked_coral(features, is_target) -> jax.Array:
     """Deep CORAL (Sun & Saenko 2016): ||C_s - C_t||_F^2 / (4 d^2) between the covariances of source and target
-    rows."""
+    rows (0 when the batch lacks one domain)."""
     x = jnp.asarray(features, jnp.float32)
     t = jnp.asarray(is_target).astype(jnp.float32)
     diff = _covariance(x, 1.0 - t) - _covariance(x, t)
-    return (diff * diff).sum() / (4.0 * x.shape[-1] ** 2)
+    return jnp.where(_both_domains(t), (diff * diff).sum() / (4.0 * x.shape[-1] ** 2), 0.0)
 
 
 def _stacked(source, target):
+    if not (len(source) and len(target)):
+        raise ValueError(f"a discrepancy needs rows from both domains, got {len(source)} source, {len(target)} target")
     x = jnp.concatenate([jnp.asarray(source), jnp.asarray(target)])
     return x, jnp.concatenate([jnp.zeros(len(source)), jnp.ones(len(target))])
 
