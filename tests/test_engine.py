@@ -219,6 +219,18 @@ def test_labels_outside_the_classes_stop_with_a_clear_error(loaded, tmp_path):
         evaluation.evaluate(loaded, [{**global_batch(0), "labels": np.full(16, -1)}])
 
 
+def test_padding_rows_in_a_training_batch_are_an_error(loaded):
+    """Regression: the training loss ignores `mask`, so an evaluation-style padded batch trained its padding rows
+    (copies of the last example) as examples, silently."""
+
+    def padded(start):
+        for step in itertools.count(start):
+            yield {**global_batch(step), "mask": np.r_[np.ones(12), np.zeros(4)].astype(np.float32)}
+
+    with pytest.raises(ValueError, match=r"training batch for step 0 has padding rows \(mask 0\)"):
+        engine.fit(loaded, sched(loaded), padded, EngineConfig(devices=1, progress=False))
+
+
 def test_fsdp_state_is_built_sharded(loaded):
     """Each of 8 devices holds about 1/8 of the parameters and the Adam moments: the state is created inside jit
     with output shardings (never assembled on one device and then split)."""

@@ -513,7 +513,7 @@ class _Run:
             ) from None
 
     def _placed(self, batch, step: int):
-        task.check_labels(batch, self.classes, where=f"training batch for step {step}")
+        task.check_training_batch(batch, self.classes, where=f"training batch for step {step}")
         if self.heads and hasattr(self.loss_fn, "check_labels"):  # one logits array per head: the loss maps columns
             self.loss_fn.check_labels(batch, self.heads, where=f"training batch for step {step}")
         return self.place.batch(batch)

@@ -174,7 +174,7 @@ def _next_batches(streams: list[Iterator[Batch]], step: int) -> list[Batch]:
 def _stacked(batches: list[Batch], step: int, classes: int | None) -> dict:
     """K batches of one step -> one batch with a leading run axis."""
     for k, b in enumerate(batches):
-        task.check_labels(b, classes, where=f"training batch of run {k} for step {step}")
+        task.check_training_batch(b, classes, where=f"training batch of run {k} for step {step}")
     shapes = [{key: np.shape(v) for key, v in b.items()} for b in batches]
     odd = next((k for k, s in enumerate(shapes) if s != shapes[0]), None)
     if odd is not None:

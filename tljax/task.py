@@ -86,6 +86,18 @@ def head_classes(model, params, batch: Mapping, *, collections: Mapping | None =
     return {str(k): int(v.shape[-1]) for k, v in logits.items() if isinstance(v, jax.ShapeDtypeStruct)}
 
 
+def check_training_batch(batch: Mapping, classes: int | None, where: str = "batch") -> None:
+    """`check_labels`, and no padding rows: the training loss counts every row (it reads no `mask`), so padding
+    rows would train as examples."""
+    if "mask" in batch and not (np.asarray(batch["mask"]) > 0).all():
+        raise ValueError(
+            f"{where} has padding rows (mask 0): the training loss counts every row, so they would train as "
+            "examples. Train on full batches (data.TrainData drops the remainder); padded batches (data.EvalData) "
+            "are for evaluation."
+        )
+    check_labels(batch, classes, where)
+
+
 def check_labels(batch: Mapping, classes: int | None, where: str = "batch") -> None:
     """Raises a ValueError naming the first label outside `[0, classes)` (cheap: a pass over the labels on the host).
 
