@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tljax.data import augment as A
-from tljax.data.images import DIGITS, FASHION_MNIST, FASHION_MNIST_ENV, image_folder, read_idx
+from tljax.data.images import DIGITS, FASHION_MNIST, FASHION_MNIST_ENV, decode_image, image_folder, read_idx
 from tljax.data.records import SourceUnavailable
 from tljax.data.vision import ImagePreprocess, from_pil, to_pil
 
@@ -136,6 +136,52 @@ def test_image_folder_errors(tmp_path):
         image_folder(tmp_path / "ok")
     with pytest.raises(ValueError, match="does not exist"):
         image_folder(tmp_path / "missing")
+
+
+def test_image_folder_stray_images_are_errors(tmp_path):
+    """An image outside a class folder has no label: naming it beats reading train/ and test/ as two classes."""
+    for split in ("train", "test"):
+        for c in ("blue", "red"):
+            _png(tmp_path / split / c / "0.png", (0, 0, 200))
+    _png(tmp_path / "train" / "preview.png", (1, 1, 1))
+    with pytest.raises(ValueError, match=r"mixes the two layouts.*train/preview.png") as e:
+        image_folder(tmp_path)
+    assert "no images" not in str(e.value) and "train/blue" in str(e.value)  # both ways out are named
+    _png(tmp_path / "test" / "preview.png", (1, 1, 1))
+    with pytest.raises(ValueError, match=r"mixes the two layouts.*test/preview.png, train/preview.png"):
+        image_folder(tmp_path)
+    (tmp_path / "test" / "preview.png").unlink()
+    (tmp_path / "train" / "preview.png").unlink()
+    assert sorted(image_folder(tmp_path)) == ["test", "train"]
+    _png(tmp_path / "cover.png", (1, 1, 1))
+    with pytest.raises(ValueError, match=r"images directly in .* belong to no class: cover.png"):
+        image_folder(tmp_path)
+
+
+def _gray16(path, values):
+    Image.fromarray(np.asarray(values, np.uint16)).save(path)
+
+
+def test_16bit_images_keep_their_range(tmp_path):
+    """16-bit PNG and PGM (microscopy, medical, depth) keep their high byte, as Pillow reduces 16-bit colour PNGs."""
+    values = np.linspace(0, 65535, 20 * 24).astype(np.uint16).reshape(20, 24)
+    _gray16(tmp_path / "gray16.png", values)
+    image = decode_image(tmp_path / "gray16.png")
+    assert image.shape == (20, 24, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, np.repeat((values >> 8).astype(np.uint8)[..., None], 3, -1))
+    assert (image.min(), image.max(), round(float(image.mean()), 1)) == (0, 255, 127.5)
+    (tmp_path / "gray16.pgm").write_bytes(b"P5\n24 20\n65535\n" + values.astype(">u2").tobytes())  # Pillow: mode I
+    np.testing.assert_array_equal(decode_image(tmp_path / "gray16.pgm"), image)
+    (tmp_path / "folder" / "a").mkdir(parents=True)
+    _gray16(tmp_path / "folder" / "a" / "1.png", values)
+    np.testing.assert_array_equal(image_folder(tmp_path / "folder")["all"][0]["image"], image)
+
+
+@pytest.mark.parametrize("dtype,mode", [(np.float32, "F"), (np.int32, "I")])
+def test_images_without_a_fixed_range_are_refused(tmp_path, dtype, mode):
+    Image.fromarray(np.arange(12, dtype=dtype).reshape(3, 4) * 1000).save(tmp_path / "depth.tif")
+    with pytest.raises(ValueError, match=rf"depth.tif: .*mode {mode}.* no fixed range"):
+        decode_image(tmp_path / "depth.tif")
 
 
 # ---------------------------------------------------------------------------------------------------- preprocessing

@@ -163,3 +163,96 @@ def test_domain_pairs_share_the_label_space():
     assert not np.array_equal(test_clean[0]["image"], test_shifted[0]["image"])
     with pytest.raises(ValueError, match="unknown domain-shift pair"):
         data.domain_pair("mnist_m", "train")
+
+
+# ------------------------------------------------------------------------------------------- file labels and format
+
+
+def _load(tmp_path, name, content, **options):
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return data.text_file(path, **options)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.csv", "text,label\na,pos\nb,\n", r"empty.csv, line 3: the label is empty"),
+        ("blank.tsv", "text\tlabel\na\tpos\nb\t  \n", r"blank.tsv, line 3: the label is empty"),
+        ("null.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": null}\n', r"null.jsonl, line 2: .*null"),
+        ("list.jsonl", '{"text": "a", "label": ["pos"]}\n', r"list.jsonl, line 1: a label must be a string or a"),
+        ("nan.jsonl", '{"text": "a", "label": NaN}\n', r"nan.jsonl, line 1: a label must be a string or a finite"),
+        ("twice.csv", "text,label\na,1\nb,1.0\nc,pos\n", r"twice.csv, line 3: the label '1.0' is the number '1'"),
+    ],
+)
+def test_unusable_labels_are_errors_naming_the_line(tmp_path, name, content, message):
+    with pytest.raises(files.DataFileError, match=message):
+        _load(tmp_path, name, content)
+
+
+def test_label_spellings_of_one_class_are_one_class(tmp_path):
+    """Whitespace around a label is not part of it; JSON has one number 1 = 1.0; true/false are spelled as in JSON."""
+    spaced = _load(tmp_path, "spaced.csv", "text,label\na,0\nb,1\nc, 2\nd,pos \n", label_names=["0", "1", "2", "pos"])
+    assert spaced.labels.tolist() == [0, 1, 2, 3]
+    inferred = _load(tmp_path, "inferred.csv", "text,label\na,0\nb,1\nc, 2 \n")
+    assert inferred.label_names == ("0", "1", "2") and inferred.labels.tolist() == [0, 1, 2]
+    numbers = _load(tmp_path, "n.jsonl", "".join(json.dumps({"text": "t", "label": x}) + "\n" for x in (1, 1.0, 0)))
+    assert numbers.label_names == ("0", "1") and numbers.labels.tolist() == [1, 1, 0]
+    halves = _load(tmp_path, "h.jsonl", '{"text": "a", "label": 3.5}\n{"text": "b", "label": "4"}\n')
+    assert halves.label_names == ("3.5", "4") and halves.labels.tolist() == [0, 1]
+    flags = _load(tmp_path, "b.jsonl", '{"text": "a", "label": true}\n{"text": "b", "label": false}\n')
+    assert flags.label_names == ("false", "true") and flags.labels.tolist() == [1, 0]
+
+
+def test_integer_labels_with_empty_classes_are_errors(tmp_path):
+    """1-based or code-like integer labels would add output classes that never see an example (4 outputs for
+    labels 1..3, 501 for 404/500): an error saying how to read them, never a silent phantom class."""
+    one_based = "text,label\na,1\nb,2\nc,3\nd,2\n"
+    one_message = r"1 of the 4 classes 0..3 have no example \(0\)\. .*label_names=\['1', '2', '3'\]"
+    with pytest.raises(files.DataFileError, match=one_message):
+        _load(tmp_path, "one.csv", one_based)
+    as_names = _load(tmp_path, "one.csv", one_based, label_names=["1", "2", "3"])
+    assert as_names.label_names == ("1", "2", "3") and as_names.labels.tolist() == [0, 1, 2, 1]
+    kept = _load(tmp_path, "one.csv", one_based, label_names=["0", "1", "2", "3"])
+    assert kept.num_classes == 4 and kept.labels.tolist() == [1, 2, 3, 2]
+    with pytest.raises(files.DataFileError, match=r"499 of the 501 classes 0..500 have no example \(0-403, 405-499\)"):
+        _load(tmp_path, "codes.csv", "text,label\na,404\nb,500\n")
+    with pytest.raises(files.DataFileError, match=r"999999999999 of the 1000000000001 classes .* \(1-999999999999\)"):
+        _load(tmp_path, "huge.jsonl", '{"text": "a", "label": 1000000000000}\n{"text": "b", "label": 0}\n')
+    with pytest.raises(ValueError, match=r"label_names has 'a' twice"):
+        _load(tmp_path, "dup.csv", "text,label\nx,a\n", label_names=["a", "b", "a"])
+
+
+def test_utf8_bom_and_encoding_errors(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; a file in another encoding is an error naming the line."""
+    bom = _load(tmp_path, "bom.csv", "\ufefftext,label\nhello,pos\nbye,neg\n")
+    assert bom.label_names == ("neg", "pos") and bom[0]["text"] == "hello"
+    bom_jsonl = _load(tmp_path, "bom.jsonl", '\ufeff{"text": "hi", "label": "pos"}\n')
+    assert bom_jsonl[0]["text"] == "hi"
+    latin1 = "text,label\nok,pos\ncaf\u00e9,neg\n".encode("latin-1")
+    with pytest.raises(files.DataFileError, match=r"latin1.csv, line 3: not UTF-8 .*byte 0xe9"):
+        _load(tmp_path, "latin1.csv", latin1)
+
+
+def test_tsv_is_read_without_quote_processing(tmp_path):
+    """Raw TSV corpora (GLUE, SST) hold quotes as text: a tab ends a field and a newline a row, nothing else."""
+    content = 'text\tlabel\n"A gripping film," said critics.\t1\n"quoted whole"\t0\nit\'s 5" tall\t1\n'
+    tsv = _load(tmp_path, "quotes.tsv", content)
+    assert [tsv[i]["text"] for i in range(3)] == ['"A gripping film," said critics.', '"quoted whole"', "it's 5\" tall"]
+    assert tsv.labels.tolist() == [1, 0, 1]
+    csv = _load(tmp_path, "quotes.csv", 'text,label\n"a, ""b""",0\n"multi\nline",1\n')
+    assert [csv[i]["text"] for i in range(2)] == ['a, "b"', "multi\nline"]
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("quote.csv", 'text,label\nok,a\n"bad"x,b\n', r"quote.csv, line 3: '.' expected after '\"'"),
+        ("open.csv", 'text,label\nok,a\n\n"never closed,b\nmore,a\n', r"open.csv, line 4: unexpected end of data"),
+        ("after.csv", 'text,label\n"multi\nline",a\nshort\n', r"after.csv, line 4: expected 2 fields"),
+        ("tab.tsv", "text\tlabel\nok\ta\nx\ty\tz\n", r"tab.tsv, line 3: expected 2 fields"),
+    ],
+)
+def test_row_errors_name_the_line_the_row_starts_on(tmp_path, name, content, message):
+    with pytest.raises(files.DataFileError, match=message):
+        _load(tmp_path, name, content)

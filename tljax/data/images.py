@@ -213,7 +213,8 @@ class ImageFiles:
     only its file list until it is read.
 
     Images come back as uint8 RGB (H, W, 3): palettes, grayscale and CMYK are converted and an alpha channel is
-    dropped; EXIF orientation is applied so phone photos stand upright. A first GIF frame is used.
+    dropped; EXIF orientation is applied so phone photos stand upright. A first GIF frame is used. 16-bit images
+    keep their full range (see `decode_image`).
     """
 
     def __init__(self, paths: list[Path], labels: list[int]):
@@ -229,14 +230,44 @@ class ImageFiles:
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """The image at `path` as uint8 RGB (H, W, 3); an unreadable file is a ValueError naming it."""
+    """The image at `path` as uint8 RGB (H, W, 3); an unreadable file is a ValueError naming it.
+
+    16-bit images (PNG, PGM: microscopy, medical, depth) keep each value's high byte, as Pillow reduces 16-bit colour
+    PNGs, so 0..65535 maps onto 0..255 (12-bit data stored in 16 bits stays dark: rescale it first). 32-bit integer
+    and float images (TIFF) have no fixed range to map to 8 bits, so they are refused rather than clipped.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            fmt, im = im.format, ImageOps.exif_transpose(im)  # a decoded copy, upright
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:  # PIL raises all of these on bad data
         raise ValueError(f"could not decode image {path}: {e}") from e
+    return _as_rgb(im, fmt, path)
+
+
+_SIXTEEN_BIT_I = ("PNG", "PPM")  # formats whose 32-bit "I" mode holds 16-bit values (older Pillow's PNG, PGM)
+
+
+def _as_rgb(im, fmt: str | None, path) -> np.ndarray:
+    if im.mode.startswith("I;16") or (im.mode == "I" and fmt in _SIXTEEN_BIT_I):
+        return _sixteen_bit_rgb(np.asarray(im), path)
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):  # .convert("RGB") would clip them to 0..255
+        raise ValueError(
+            f"{path}: a 32-bit {'float' if im.mode == 'F' else 'integer'} image (mode {im.mode}) has no fixed range "
+            "to map to 8 bits; convert it to 8- or 16-bit PNG first, scaled to your data's range"
+        )
+    try:
+        return np.asarray(im.convert("RGB"))
+    except ValueError as e:  # modes without a conversion to RGB (LAB, ...)
+        raise ValueError(f"could not convert image {path} (mode {im.mode}) to RGB: {e}") from e
+
+
+def _sixteen_bit_rgb(values: np.ndarray, path) -> np.ndarray:
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"{path}: values {values.min()}..{values.max()} outside the 16-bit range 0..65535")
+    gray = (values.astype(np.uint16) >> 8).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def _visible_children(folder: Path) -> list[Path]:
@@ -252,9 +283,34 @@ def _subfolders(folder: Path) -> list[Path]:
     return [p for p in _visible_children(folder) if p.is_dir()]
 
 
-def _is_split_layout(top: list[Path]) -> bool:
-    """path/<split>/<class>/img when no top-level folder holds images itself and some hold folders."""
-    return not any(_image_files(d) for d in top) and any(_subfolders(d) for d in top)
+def _is_split_layout(root: Path, top: list[Path]) -> bool:
+    """path/<split>/<class>/<image> when the top folders hold folders, path/<class>/<image> when they hold images.
+
+    An image outside a class folder has no label, so top folders that mix the two, and images directly in `root`,
+    are errors naming them rather than a guess that would drop them or read the split folders as classes.
+    """
+    nested = [d for d in top if _subfolders(d)]
+    with_images = [d for d in top if _image_files(d)]
+    if nested and with_images:
+        raise ValueError(
+            f"image folder {root} mixes the two layouts: {_listed(nested, root)} hold subfolders, as split folders "
+            f"do (path/<split>/<class>/<image>), and {_listed(with_images, root)} hold images, as class folders do "
+            f"(path/<class>/<image>). For the split layout, move or delete the images "
+            f"{_listed([f for d in nested for f in _image_files(d)], root)}; for the class layout, the subfolders "
+            f"{_listed([s for d in with_images for s in _subfolders(d)], root)}"
+        )
+    stray = _image_files(root)
+    if stray:
+        raise ValueError(
+            f"images directly in {root} belong to no class: {_listed(stray, root)}; move them into a class folder "
+            "or out of the image folder"
+        )
+    return bool(nested)
+
+
+def _listed(paths: list[Path], root: Path, most: int = 6) -> str:
+    names = sorted(str(p.relative_to(root)) for p in paths)
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def _class_files(class_dir: Path) -> list[Path]:
@@ -284,13 +340,15 @@ def image_folder(path: str | os.PathLike) -> dict[str, Split]:
       path/<class>/<image>          -> {"all": Split}
       path/<split>/<class>/<image>  -> {<split>: Split, ...}, e.g. "train", "val", "test"
 
-    Class names are the sorted class-folder names (in the split layout, the union over splits, so every split has
-    the same label space even when one lacks a class). Images must sit directly in their class folder; files with
-    other extensions than jpg, jpeg, png, bmp, gif, webp and hidden entries are ignored. Splits are named
-    "image_folder:<path>:<split>".
+    The layout is the split layout when the top folders hold folders. Class names are the sorted class-folder
+    names (in the split layout, the union over splits, so every split has the same label space even when one lacks a
+    class). Images must sit directly in their class folder; an image anywhere above it (in `path` or beside the
+    class folders of a split) is an error naming it, while files with other extensions than jpg, jpeg, png, bmp,
+    gif, webp and hidden entries are ignored. Splits are named "image_folder:<path>:<split>".
 
     Raises:
-      ValueError: `path` is missing or holds no class folders, or a class folder holds no images.
+      ValueError: `path` is missing or holds no class folders, a class folder holds no images, or an image sits
+        outside a class folder.
     """
     root = Path(os.path.expanduser(str(path)))
     if not root.is_dir():
@@ -298,7 +356,7 @@ def image_folder(path: str | os.PathLike) -> dict[str, Split]:
     top = _subfolders(root)
     if not top:
         raise ValueError(f"image folder {root} holds no class folders: put each class's images in path/<class>/")
-    if _is_split_layout(top):
+    if _is_split_layout(root, top):
         label_names = tuple(sorted({c.name for d in top for c in _subfolders(d)}))
         return {d.name: _folder_split(d.name, d, label_names, root) for d in top}
     return {"all": _folder_split("all", root, tuple(d.name for d in top), root)}
