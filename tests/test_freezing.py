@@ -7,6 +7,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import token_batch
 from engine_driver import preempted
@@ -249,3 +250,78 @@ def test_compilation_cache_persists_programs(tmp_path):
     assert enable_compilation_cache(str(tmp_path)) == str(tmp_path)
     jax.jit(lambda x: jnp.cos(x) @ x.T * 3.0)(jnp.ones((8, 8))).block_until_ready()
     assert os.listdir(tmp_path)  # the compiled program is on disk for the next run
+
+
+def test_rule_clip_norm_is_joint_across_age_groups(clf):
+    """Regression: in a later phase a rule's parameters split by age (and by weight decay) into several optax
+    groups; its clip_norm must bound the norm of the rule's whole gradient, not of each group's."""
+    clipped = [(".*", {"clip_norm": 0.5})]
+    sched = FreezingSchedule((Phase(2, rules=TOP1, learning_rate=1.0), Phase(3, rules=clipped, learning_rate=1.0)))
+    part = freezing.resolve(sched, clf, optimizer="sgd", weight_decay=0.01).phases[1].partition
+    assert sorted(g.label for g in part.groups) == ["g0", "g0-nd", "g0-nd@2", "g0@2"]
+    zeros = jax.tree.map(jnp.zeros_like, clf.params)
+    updates, _ = part.tx.update(jax.tree.map(jnp.ones_like, clf.params), part.tx.init(zeros), zeros)
+    assert float(optax.tree.norm(updates)) == pytest.approx(0.5, rel=1e-5)
+    n = tree.count(clf.params)
+    for leaf in jax.tree.leaves(updates):
+        np.testing.assert_allclose(leaf, -0.5 / np.sqrt(n), rtol=1e-5)
+
+
+def test_rule_clip_in_one_phase_only_carries_state(clf):
+    """Regression: a rule clip_norm in the probe phase but not in the fine-tune crashed at the boundary (after the
+    probe trained): "cannot carry optimizer state ... its state structure differs". Clipping is stateless; a clip
+    that never triggers leaves the run equal to one without it, moments and counts carried (to the last ulp: the
+    clip's norm changes XLA's fusion of the probe's program, as in the thawing test above)."""
+
+    def sched(head_rule):
+        probe = Phase(2, rules=[("^head/", head_rule), (".*", None)], learning_rate=1e-2, name="probe")
+        return FreezingSchedule((probe, Phase(2, rules="full", learning_rate=1e-3, name="ft")))
+
+    clipped, hist = run_schedule(clf, sched({"clip_norm": 1e9}))
+    plain, _ = run_schedule(clf, sched("train"))
+    assert [h.end for h in hist] == [2, 4]
+    assert int(clipped.opt_state.inner_states["g0@2"].inner_state[0].count) == 4  # the head's Adam count carried
+    _assert_close(clipped.params, plain.params)
+    a, b = P.state_by_param(clipped.opt_state, plain.params), P.state_by_param(plain.opt_state, plain.params)
+    assert set(a) == set(b) and len(a) == 2 * len(tree.flatten(plain.params))  # Adam's mu and nu of every leaf
+    _assert_close(a, b)
+    tight, _ = run_schedule(clf, sched({"clip_norm": 1e-3}))  # a clip that triggers changes the probe
+    assert not _bitwise_equal(tight.params, plain.params)
+
+
+def _assert_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-12)
+
+
+def test_cosine_phase_that_is_all_warmup(clf):
+    """Regression: warmup_steps equal to the phase's length passed the check, then failed inside optax (zero decay
+    steps). Such a phase warms up linearly from 0 toward the peak over its steps."""
+    lr = freezing.lr_schedule({"schedule": "cosine", "peak": 1.0, "warmup_steps": 4}, 4)
+    assert [float(lr(s)) for s in range(5)] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    same = freezing.lr_schedule({"schedule": "cosine", "peak": 1.0, "warmup_steps": 4}, 8)  # the general case agrees
+    assert [float(same(s)) for s in range(5)] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    ft_lr = {"schedule": "cosine", "peak": 1e-3, "warmup_steps": 2}
+    plan = freezing.resolve(freezing.get("lp_ft", clf, probe_steps=1, ft_steps=2, ft_lr=ft_lr), clf)
+    assert [(p.start, p.stop) for p in plan.phases] == [(0, 1), (1, 3)]
+    with pytest.raises(ValueError, match="LR schedule 'cosine': warmup_steps must be a whole number, got 1.5"):
+        freezing.lr_schedule({"schedule": "cosine", "peak": 1.0, "warmup_steps": 1.5}, 4)
+
+
+def test_chain_thaw_final_steps(clf):
+    """Regression: final_steps=0 silently became steps_per_stage; None (the default) means steps_per_stage."""
+    assert freezing.get("chain_thaw", clf, steps_per_stage=5).lengths()[-1] == 5
+    assert freezing.get("chain_thaw", clf, steps_per_stage=5, final_steps=7).lengths()[-1] == 7
+    with pytest.raises(ValueError, match="phase 'all' has length 0: every phase needs at least one step"):
+        freezing.resolve(freezing.get("chain_thaw", clf, steps_per_stage=5, final_steps=0), clf)
+
+
+def test_phase_steps_must_be_whole_numbers():
+    """Regression: Phase(steps=2.5) was truncated to 2 steps. An integral float (from a config) is accepted."""
+    assert Phase(steps=3.0).length(None) == 3 and Phase(steps=3.0) == Phase(steps=3) == Phase(steps=np.int64(3))
+    assert type(Phase(steps=np.float32(3.0)).steps) is int
+    for bad in (2.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"phase 'p': steps must be a whole number, got {bad!r}"):
+            Phase(steps=bad, name="p")
+    with pytest.raises(ValueError, match="steps must be a whole number, got 2.5"):
+        FreezingSchedule.from_config({"phases": [{"steps": 2.5}]})

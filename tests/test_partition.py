@@ -315,3 +315,85 @@ def test_bad_rule_fields_and_regexes_are_errors(clf):
         P.build(clf.params, [("^head/", "train"), ("layer_[1", "train"), (".*", None)], learning_rate=1e-3)
     with pytest.raises(ValueError, match=r"no_decay: invalid regex '\(bias'"):
         P.build(clf.params, rules.full(clf), learning_rate=1e-3, no_decay=["(bias"])
+
+
+def _ones_update(part, params):
+    """The update `part.tx` makes from a fresh state for an all-ones gradient at all-zero parameters (so weight
+    decay adds nothing and SGD at LR 1 returns minus the clipped gradient)."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    ones = jax.tree.map(jnp.ones_like, params)
+    updates, _ = part.tx.update(ones, part.tx.init(zeros), zeros)
+    return tree.flatten(updates)
+
+
+@pytest.mark.parametrize("ages", [None, {"head/out/kernel": 3, "head/out/bias": 3}], ids=["one_phase", "aged"])
+def test_rule_clip_norm_bounds_the_rules_joint_gradient(clf, ages):
+    """Regression: with weight decay on (and across phases, by age) a rule's parameters fall into several optax
+    groups, and each was clipped on its own: the rule's clipped gradient had norm sqrt(#groups) * clip_norm."""
+    rule_list = [(r"encoder/", P.train(clip_norm=0.5)), (".*", P.train())]
+    part = P.build(clf.params, rule_list, learning_rate=1.0, optimizer="sgd", weight_decay=0.01, ages=ages)
+    assert {g.label for g in part.groups if g.pattern == "encoder/"} == {"g0", "g0-nd"}  # split by decay
+    assert len([g for g in part.groups if g.pattern == ".*"]) == (2 if ages is None else 4)  # and by age
+    updates = _ones_update(part, clf.params)
+    clipped = {p: u for p, u in updates.items() if "encoder/" in p}
+    n = sum(u.size for u in clipped.values())
+    assert float(optax.tree.norm(clipped)) == pytest.approx(0.5, rel=1e-5)
+    for path, u in clipped.items():  # one scale for the whole rule: the direction is kept
+        np.testing.assert_allclose(u, -0.5 / np.sqrt(n), rtol=1e-5, err_msg=path)
+    for path, u in updates.items():  # the unclipped rule's gradient passes untouched
+        if "encoder/" not in path:
+            assert np.all(np.asarray(u) == -1.0), path
+
+
+def test_rule_clip_norm_adds_no_optimizer_state(clf):
+    """Clipping is stateless: a rule's clip_norm leaves the optimizer state's structure as it was, so state
+    carries between phases that clip and phases that do not."""
+    plain = P.build(clf.params, [(r"^head/", P.train()), (".*", P.FROZEN)], learning_rate=1e-3, weight_decay=0.01)
+    clipped = P.build(
+        clf.params, [(r"^head/", P.train(clip_norm=1.0)), (".*", P.FROZEN)], learning_rate=1e-3, weight_decay=0.01
+    )
+    assert jax.tree.structure(plain.tx.init(clf.params)) == jax.tree.structure(clipped.tx.init(clf.params))
+
+
+def test_weight_decay_conventions_sgd_coupled_adamw_decoupled():
+    """SGD adds wd * w to the gradient before momentum (torch.optim.SGD's L2, what ResNet recipes' wd means);
+    AdamW decays decoupled from the moments (w -= lr * wd * w each step). Zero task gradients, 10 steps."""
+    params = {"w": jnp.ones((1,))}
+    zero = {"w": jnp.zeros((1,))}
+
+    def run(optimizer, **kw):
+        part = P.build(params, [(".*", P.train())], learning_rate=0.1, optimizer=optimizer, weight_decay=0.1, **kw)
+        state, p = part.tx.init(params), params
+        for _ in range(10):
+            u, state = part.tx.update(zero, state, p)
+            p = optax.apply_updates(p, u)
+        return float(p["w"][0])
+
+    w, m = 1.0, 0.0
+    for _ in range(10):  # by hand: g = 0 + wd * w; m = momentum * m + g; w -= lr * m
+        m = 0.9 * m + 0.1 * w
+        w -= 0.1 * m
+    assert w == pytest.approx(0.621079, abs=1e-6)
+    assert run("sgd", momentum=0.9) == pytest.approx(w, rel=1e-6)
+    assert run("sgd") == pytest.approx((1 - 0.1 * 0.1) ** 10, rel=1e-6)  # no momentum: L2 = decoupled at lr * wd
+    assert run("adamw") == pytest.approx((1 - 0.1 * 0.1) ** 10, rel=1e-6)  # Adam's direction of a zero gradient is 0
+
+
+def test_rule_with_both_lr_and_lr_mult_is_an_error(clf):
+    """Regression: `train(lr=0.1, lr_mult=10)` trained at 0.1, silently dropping the multiplier."""
+    with pytest.raises(ValueError, match=r"give one of lr \(absolute\) or lr_mult .*got lr=0.1 and lr_mult=10"):
+        P.train(lr=0.1, lr_mult=10)
+    with pytest.raises(ValueError, match="give one of lr"):
+        P.build(clf.params, [(".*", {"lr": 0.1, "lr_mult": 10.0})], learning_rate=1.0)
+    assert P.build(clf.params, [(".*", P.train(lr=0.1))], learning_rate=1.0).groups[0].lr == 0.1
+
+
+def test_whole_number_arguments_accept_integral_floats(clf):
+    """Configs and sweeps pass 1.0 for 1: accepted; 1.5 (or a bool, a string) is an error naming the argument."""
+    assert rules.top_k(clf, 1.0) == rules.top_k(clf, 1)
+    assert rules.surgical(clf, 1.0) == rules.surgical(clf, 1)
+    for bad in (1.5, True, "1"):
+        with pytest.raises(ValueError, match=rf"top_k: k must be a whole number, got {bad!r}"):
+            rules.top_k(clf, bad)
+    with pytest.raises(ValueError, match="surgical: block must be a whole number, got 0.5"):
+        rules.surgical(clf, 0.5)

@@ -204,3 +204,40 @@ def test_l2_sp_counts_peft_leaves_as_new(loaded):
     for path in peft.added_paths(lora):
         assert reg.strengths[path] == ("beta", 0.01), path
     assert reg.strengths["backbone/encoder/layer_0/attention/query/kernel"] == ("alpha", 0.1)
+
+
+@pytest.mark.parametrize(
+    "method", [peft.LoRA(rank=2, targets=[r"^head/out/kernel$"]), peft.Adapter(size=4, targets=[r"head/out/kernel$"])],
+    ids=["lora", "adapter"],
+)  # fmt: skip
+def test_target_matching_only_the_head_is_an_error(loaded, method):
+    """Regression: a target that matched only the head was accepted and added nothing (the head is not woven);
+    LoRA's export then raised a bare KeyError 'head/out/lora_a' after training."""
+    with pytest.raises(ValueError, match=r"matches only \['head/out/kernel'\] outside the backbone.*rule set"):
+        peft.apply(loaded, [method])
+
+
+def test_target_matching_backbone_and_head_adapts_the_backbone_only(loaded, tmp_path):
+    """Regression: r"out/kernel$" (the attention output projections) also matches head/out/kernel; the head was
+    resolved as a target, nothing was added there, and merge / save_pretrained raised KeyError 'head/out/lora_a'."""
+    lora = peft.apply(loaded, [peft.LoRA(rank=2, targets=[r"out/kernel$"])])
+    outs = {f"backbone/encoder/layer_{i}/attention/out" for i in range(2)}
+    assert peft.methods_of(lora)[0].modules == outs
+    assert set(peft.added_paths(lora)) == {f"{m}/lora_{x}" for m in outs for x in "ab"}
+    trained = perturbed(lora, seed=2)
+    merged = peft.merge(lora, trained)
+    assert tree.paths(merged.params) == tree.paths(loaded.params)
+    np.testing.assert_array_equal(
+        tree.flatten(merged.params)["head/out/kernel"], tree.flatten(trained)["head/out/kernel"]
+    )
+    assert max_abs_diff(logits(merged), logits(lora, trained)) <= 1e-5
+    again = tm.load_pretrained(tm.save_pretrained(tmp_path / "merged", lora, params=trained))
+    assert max_abs_diff(logits(again), logits(lora, trained)) <= 1e-5
+    adapters = peft.apply(loaded, [peft.Adapter(size=4, targets=[r"out/kernel$"])])
+    assert {p.rsplit("/", 1)[0] for p in peft.added_paths(adapters)} == outs
+
+
+def test_merge_of_params_without_the_factors_is_an_error(loaded):
+    lora = peft.apply(loaded, [peft.LoRA(rank=2)])
+    with pytest.raises(ValueError, match=r"merge: the parameters hold no LoRA factors for .*attention/query"):
+        peft.merge(lora, loaded.params)  # the base model's parameters, not the woven model's

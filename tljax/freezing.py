@@ -33,7 +33,11 @@ from tljax.fields import from_fields
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase: its length, what trains (rule set) and at what learning rate."""
+    """One phase: its length, what trains (rule set) and at what learning rate.
+
+    `steps` is a whole number (3.0 from a config is 3; 2.5 is an error, never truncated); `epochs` may be
+    fractional and rounds up to whole steps.
+    """
 
     steps: int | None = None
     epochs: float | None = None
@@ -41,6 +45,10 @@ class Phase:
     rule_args: Mapping[str, Any] = field(default_factory=dict)
     learning_rate: float | Mapping[str, Any] = 1e-3  # float or LR spec, see `lr_schedule`
     name: str = ""
+
+    def __post_init__(self):
+        if self.steps is not None:
+            object.__setattr__(self, "steps", partition.check_whole(f"phase {self.name!r}: steps", self.steps))
 
     def length(self, steps_per_epoch: int | None) -> int:
         """Steps in this phase; epochs need `steps_per_epoch`."""
@@ -51,7 +59,7 @@ class Phase:
                 raise ValueError(f"phase {self.name!r} is given in epochs: pass steps_per_epoch")
             n = math.ceil(self.epochs * steps_per_epoch)
         else:
-            n = int(self.steps)
+            n = self.steps
         if n <= 0:
             raise ValueError(f"phase {self.name!r} has length {n}: every phase needs at least one step")
         return n
@@ -125,6 +133,8 @@ def lr_schedule(spec: float | Mapping[str, Any], steps: int):
     {"schedule": "constant", "value": v} | {"schedule": "cosine", "peak": v, "warmup_steps": w, "end_value": e}
     | {"schedule": "linear", "init": a, "end": b} | {"schedule": "slanted_triangular", "peak": v,
     "cut_frac": 0.1, "ratio": 32} (ULMFiT: linear rise over cut_frac of the phase, then linear decay to peak/ratio).
+    Cosine warms up linearly from 0 to `peak` over `warmup_steps` (a whole number, at most the phase's steps), then
+    decays to `end_value` over the rest; a phase that is all warm-up only rises toward the peak.
     Every number must be finite and >= 0 (a negative or NaN learning rate is an error, never a silent ascent).
     """
     if not isinstance(spec, Mapping):
@@ -135,6 +145,8 @@ def lr_schedule(spec: float | Mapping[str, Any], steps: int):
         raise ValueError(f"unknown LR schedule {kind!r}; choose one of {sorted(LR_SCHEDULES)}")
     for key, value in spec.items():
         partition.check_number(f"LR schedule {kind!r}: {key}", value, positive=key == "ratio")
+    if "warmup_steps" in spec:
+        spec["warmup_steps"] = partition.check_whole(f"LR schedule {kind!r}: warmup_steps", spec["warmup_steps"])
     if spec.get("warmup_steps", 0) > steps or not 0 < spec.get("cut_frac", 0.5) <= 1:
         raise ValueError(f"LR schedule {kind!r}: need warmup_steps <= the phase's {steps} steps and 0 < cut_frac <= 1")
     try:
@@ -150,11 +162,15 @@ def _slanted_triangular(steps, peak, cut_frac=0.1, ratio=32.0):
     return optax.join_schedules([up, down], [cut])
 
 
+def _cosine(steps, peak, warmup_steps=0, end_value=0.0):
+    if warmup_steps == steps:  # all warm-up: optax's cosine part would have zero steps
+        return optax.linear_schedule(0.0, peak, warmup_steps)
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else peak, peak, warmup_steps, steps, end_value)
+
+
 LR_SCHEDULES: dict[str, Callable] = {
     "constant": lambda steps, value: optax.constant_schedule(value),
-    "cosine": lambda steps, peak, warmup_steps=0, end_value=0.0: optax.warmup_cosine_decay_schedule(
-        0.0 if warmup_steps else peak, peak, warmup_steps, steps, end_value
-    ),
+    "cosine": _cosine,
     "linear": lambda steps, init, end: optax.linear_schedule(init, end, steps),
     "slanted_triangular": _slanted_triangular,
 }
@@ -280,24 +296,28 @@ def gradual_unfreeze(loaded, steps_per_stage: int, lr=1e-4, decay: float | None 
 
 
 def chain_thaw(loaded, steps_per_stage: int, lr=1e-4, final_steps: int | None = None) -> FreezingSchedule:
-    """Chain-thaw (Felbo et al., 2017): the head alone, then each layer alone from the bottom, then all."""
+    """Chain-thaw (Felbo et al., 2017): the head alone, then each layer alone from the bottom, then all (for
+    `final_steps` steps; None means `steps_per_stage`, and 0 is an error like any empty phase)."""
     n = loaded.family.num_layers(loaded.hf_config)
     groups = ["head", "stem", *range(n)]
     stages = [
         Phase(steps_per_stage, rules="single", rule_args={"group": g}, learning_rate=lr, name=f"only_{g}")
         for g in groups
     ]
-    stages.append(Phase(final_steps or steps_per_stage, rules="full", learning_rate=lr, name="all"))
+    final = steps_per_stage if final_steps is None else final_steps
+    stages.append(Phase(final, rules="full", learning_rate=lr, name="all"))
     return FreezingSchedule(tuple(stages), "chain_thaw")
 
 
 def surgical(loaded, block: int, steps: int, lr=1e-4) -> FreezingSchedule:
+    block = partition.check_whole("surgical: block", block)
     phase = Phase(steps, rules="surgical", rule_args={"block": block}, learning_rate=lr, name=f"block_{block}")
     return FreezingSchedule((phase,), "surgical")
 
 
 def top_k(loaded, k: int, steps: int, lr=1e-4) -> FreezingSchedule:
     """The top k blocks and the head train, the rest stays frozen (Yosinski et al. 2014's partial fine-tuning)."""
+    k = partition.check_whole("top_k: k", k)
     phase = Phase(steps, rules="top_k", rule_args={"k": k}, learning_rate=lr, name=f"top_{k}")
     return FreezingSchedule((phase,), "top_k")
 

@@ -12,7 +12,9 @@
 Regexes are searched (`re.search`) in `/`-joined paths such as `encoder/layer_3/attention/query/kernel`; the first
 match wins; every parameter must be covered and every regex must own at least one parameter (a typo must not
 silently freeze or thaw nothing). Frozen groups go through `optax.set_to_zero()`, which is stateless, so they carry
-no optimizer state; the training step differentiates the trainable parameters only. Parameters the task's loss
+no optimizer state; the training step differentiates the trainable parameters only. A rule's `clip_norm` bounds the
+norm of its whole gradient, however many optax groups (by weight decay and age) its parameters fall into; clipping is
+stateless and leaves the optimizer state's structure as it is. Parameters the task's loss
 never reaches (`tljax.task.unused_params`) are passed as `unused=`: they are frozen whatever the rules say (no
 weight decay drifts them) and shown as `unused` in the summary.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,14 +44,20 @@ NO_DECAY = (r"bias$", r"norm/")
 
 @dataclass(frozen=True)
 class Rule:
-    """What a group of parameters does: frozen, or trained at an LR with weight decay and optional clipping.
+    """What the parameters a regex selects do: frozen, or trained at an LR with weight decay and optional clipping.
 
     Attributes:
-      trainable: False freezes the group (no gradient work, no optimizer state).
+      trainable: False freezes the parameters (no gradient work, no optimizer state).
       lr: absolute learning rate (float or optax schedule); None means `lr_mult * learning_rate` of `build`.
-      lr_mult: multiplier of the base learning rate (discriminative / layer-wise LRs).
-      weight_decay: decoupled weight decay for this group; None means the `build` default.
-      clip_norm: clip this group's gradient to this global norm before the optimizer.
+      lr_mult: multiplier of `build`'s base learning rate (discriminative / layer-wise LRs). Give one of `lr` and
+        `lr_mult`: both is an error (an absolute LR takes no multiplier).
+      weight_decay: weight decay of these parameters (biases and norms excepted, see `build`'s `no_decay`), in the
+        optimizer's own convention (decoupled for AdamW, L2 on the gradient for SGD: see `build`); None means the
+        `build` default.
+      clip_norm: clip the gradient of all the rule's parameters jointly to this global norm (one scale over the
+        rule, whatever optax groups weight decay and age split it into), after `build`'s `clip_norm` and before
+        the optimizer. Stateless: it leaves the optimizer state as it is, so state carries between phases that
+        clip and phases that do not.
     """
 
     trainable: bool = True
@@ -67,6 +76,11 @@ class Rule:
             check_number("weight_decay", self.weight_decay)
         if self.clip_norm is not None:
             check_number("clip_norm", self.clip_norm, positive=True)
+        if self.lr is not None and self.lr_mult != 1.0:
+            raise ValueError(
+                f"give one of lr (absolute) or lr_mult (a multiple of build's learning_rate), not both: got "
+                f"lr={self.lr!r} and lr_mult={self.lr_mult!r}; an absolute lr takes no multiplier"
+            )
 
 
 def check_number(name: str, value, *, positive: bool = False) -> float:
@@ -76,6 +90,16 @@ def check_number(name: str, value, *, positive: bool = False) -> float:
         need = "a finite number > 0" if positive else "a finite number >= 0"
         raise ValueError(f"{name} must be {need}, got {value!r}")
     return float(value)
+
+
+def check_whole(name: str, value) -> int:
+    """An int, or a float with an integral value (configs and sweeps write 3.0), as an int; anything else (2.5,
+    a bool, a string) is a ValueError naming `name`."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy ints too
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"{name} must be a whole number, got {value!r}")
 
 
 FROZEN = Rule(trainable=False)
@@ -248,6 +272,7 @@ def _adamw(lr, wd, **kw):
 
 
 def _sgd(lr, wd, momentum=None, nesterov=False):
+    # torch.optim.SGD's weight decay: L2, `wd * w` added to the gradient before momentum (ResNet recipes' wd=1e-4)
     sgd = optax.sgd(lr, momentum=momentum, nesterov=nesterov)
     return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
 
@@ -280,9 +305,14 @@ def build(
       rules: ordered `(regex, rule)` pairs; a rule is anything `as_rule` reads.
       learning_rate: base LR (float or optax schedule) that `lr_mult` scales.
       optimizer: a name in `OPTIMIZERS` or `fn(learning_rate, weight_decay, **optimizer_kwargs)`.
-      weight_decay: default decoupled weight decay of trainable groups (rules may override).
+      weight_decay: default weight decay of trainable parameters (rules may override), as each optimizer defines
+        it: "adamw" and "lion" decay decoupled from the gradient (each step `w -= lr * wd * w`, Loshchilov & Hutter);
+        "lamb" adds `wd * w` to the Adam direction before the trust ratio (You et al.); "sgd" is torch.optim.SGD's
+        L2: `wd * w` is added to the gradient before momentum, so with momentum m a weight shrinks by about
+        `lr * wd / (1 - m)` per step, not `lr * wd` (what ResNet recipes' wd=1e-4 means); a callable optimizer
+        receives it as its second argument.
       no_decay: regexes of parameters never decayed (biases, norms); frozen parameters never are.
-      clip_norm: clip the global gradient norm of all trainable parameters first.
+      clip_norm: clip the global gradient norm of all trainable parameters first (before any rule's clip_norm).
       ages: per-path optimizer steps already taken (freezing schedules): parameters of different ages get
         separate groups, so moments and step counts carry over exactly with `carry_state`.
       unused: paths the loss never reaches (`tljax.task.unused_params`): frozen and stateless in any rule set.
@@ -307,6 +337,9 @@ def build(
     labels = tree.map_with_path(lambda p, _: label_of[p], params)
     transforms = {g.label: _group_tx(g, make, optimizer_kwargs) for g in groups}
     tx = optax.partition(transforms, labels)
+    clips = _rule_clips(params, dict(zip(paths, owner, strict=True)), rules, set(unused))
+    if clips is not None:
+        tx = _stateless_first(clips, tx)
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return Partition(tuple(groups), labels, tx)
@@ -369,12 +402,35 @@ def _group_lr(rule: Rule, base: LearningRate, age: int = 0) -> LearningRate:
 def _group_tx(g: Group, make, optimizer_kwargs) -> optax.GradientTransformation:
     """The group's optimizer. A constant LR is passed as a schedule too, so the state structure (a schedule keeps a
     step count) does not depend on whether a phase's LR is constant: a group that moves from a constant-LR phase to
-    a scheduled one (LP-FT's probe into a cosine fine-tune) carries its state over."""
+    a scheduled one (LP-FT's probe into a cosine fine-tune) carries its state over. Clipping is not here: a rule's
+    clip spans all its groups (`_rule_clips`)."""
     if not g.rule.trainable:
         return optax.set_to_zero()
     lr = g.lr if callable(g.lr) else optax.constant_schedule(g.lr)
-    tx = make(lr, g.weight_decay, **optimizer_kwargs)
-    return optax.chain(optax.clip_by_global_norm(g.rule.clip_norm), tx) if g.rule.clip_norm else tx
+    return make(lr, g.weight_decay, **optimizer_kwargs)
+
+
+def _rule_clips(params, owner: Mapping[str, int], rules, unused) -> optax.GradientTransformation | None:
+    """One `clip_by_global_norm` per trainable rule with a `clip_norm`, masked to the rule's parameters, so the norm
+    is the rule's whole gradient's (its decay / no-decay and age groups together); None if no rule clips."""
+    clips = []
+    for i, (_, spec) in enumerate(rules):
+        rule = as_rule(spec)
+        if rule.trainable and rule.clip_norm is not None:
+            mask = tree.map_with_path(lambda p, _, i=i: owner[p] == i and p not in unused, params)
+            clips.append(optax.masked(optax.clip_by_global_norm(rule.clip_norm), mask))
+    return optax.chain(*clips) if clips else None
+
+
+def _stateless_first(first: optax.GradientTransformation, tx: optax.GradientTransformation):
+    """`tx` after the stateless `first` (clips): the state is `tx`'s alone, the same with or without `first`, so a
+    phase that clips and one that does not share their optimizer state's structure (`carry_state`)."""
+
+    def update(updates, state, params=None, **extra_args):
+        updates, _ = first.update(updates, first.init(updates), params)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def state_nbytes(opt_state) -> int:

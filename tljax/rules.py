@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 
 from tljax import tree
-from tljax.partition import FROZEN, TRAIN, train
+from tljax.partition import FROZEN, TRAIN, check_whole, train
 
 RuleList = list[tuple[str, object]]
 HEAD = r"^head/"
@@ -64,7 +64,9 @@ def top_k(loaded, k: int, decay: float | None = None) -> RuleList:
     """The head, the top `k` blocks and everything above them (final norm, pooler) train; the rest is frozen.
 
     `decay` adds discriminative LRs (ULMFiT): block i trains at `decay ** (depth - layer_id)` times the base LR.
+    `k` is a whole number (1.0 from a config is 1; 1.5 is an error).
     """
+    k = check_whole("top_k: k", k)
     n = _depth(loaded)
     if not 0 <= k <= n:
         raise ValueError(f"top_k needs 0 <= k <= {n} (the model has {n} blocks), got k={k}")
@@ -86,6 +88,8 @@ def single(loaded, group: str | int) -> RuleList:
     if group == "stem":
         return [(at_backbone(loaded, loaded.family.STEM_REGEX), TRAIN), (".*", FROZEN)]
     n = _depth(loaded)
+    if not isinstance(group, str):
+        group = check_whole("single: group", group)
     if not isinstance(group, int) or not 0 <= group < n:
         raise ValueError(f"single(group=...) takes 'head', 'stem' or a block index in [0, {n}), got {group!r}")
     return [(at_backbone(loaded, loaded.family.block_regex(group)), TRAIN), (".*", FROZEN)]
@@ -93,6 +97,7 @@ def single(loaded, group: str | int) -> RuleList:
 
 def surgical(loaded, block: int) -> RuleList:
     """Only block `block` (and the head) trains: surgical fine-tuning (Lee et al., 2023)."""
+    block = check_whole("surgical: block", block)
     n = _depth(loaded)
     if not 0 <= block < n:
         raise ValueError(f"surgical block must be in [0, {n}), got {block}")

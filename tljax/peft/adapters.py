@@ -22,7 +22,8 @@ STYLES = {
 
 @dataclasses.dataclass(frozen=True)
 class Adapter(Method):
-    """A bottleneck of width `size` after each Dense that `targets` selects (default: the `style`'s placement).
+    """A bottleneck of width `size` after each backbone Dense that `targets` selects (default: the `style`'s
+    placement); a target matching only the head is an error, one matching the head too adapts the backbone only.
 
     Args:
       size: bottleneck width m. style: "houlsby" (after attention and MLP) or "pfeiffer" (after the MLP).

@@ -27,6 +27,11 @@ from tljax.models.heads import WithHead
 class Method:
     """A PEFT method: which layers it targets (regexes over parameter paths) and what it adds there.
 
+    PEFT methods adapt the backbone: targets are searched among the backbone's parameters only (`backbone/...` of a
+    model with a head). A regex that also matches the head (r"out/kernel$" matches `head/out/kernel` too) adapts its
+    backbone matches and leaves the head as it is (the rule set trains the head in full); a regex that matches only
+    outside the backbone is an error.
+
     Subclasses set `KIND` (the config name), `PARAMS` (the names of the leaves they add) and override the hooks they
     need; `modules` is filled in by `apply` (the module paths the targets resolved to) and never set by hand.
     """
@@ -37,7 +42,8 @@ class Method:
     modules: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def resolve(self, shapes: Mapping[str, Any], family) -> frozenset:
-        """The module paths this method wraps, from the flat parameter shapes `{path: shape}` of the model."""
+        """The backbone module paths this method wraps, from the flat parameter shapes `{path: shape}` of the whole
+        model (`split_backbone` separates the backbone's)."""
         raise NotImplementedError
 
     def dense(self, module: nn.Dense, x, y, train: bool):
@@ -65,9 +71,30 @@ class Method:
         return {"method": self.KIND, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
+BACKBONE = "backbone/"  # where a model with a head (`tljax.models.heads.WithHead`) keeps its backbone
+
+
+def split_backbone(shapes: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(the backbone's entries, the others): a model with a head keeps its backbone under `backbone/` and the rest
+    (`head/...`) outside it; a plain backbone is all backbone."""
+    if not any(p.startswith(BACKBONE) for p in shapes):
+        return dict(shapes), {}
+    inside = {p: s for p, s in shapes.items() if p.startswith(BACKBONE)}
+    return inside, {p: s for p, s in shapes.items() if p not in inside}
+
+
+def _kernels(shapes: Mapping[str, Any]) -> dict:
+    return {p[: -len("/kernel")]: s for p, s in shapes.items() if p.endswith("/kernel")}
+
+
 def match_kernels(targets: Sequence[str], shapes: Mapping[str, Any], what: str, ndim: int = 2) -> frozenset:
-    """Module paths whose `kernel` (of rank `ndim`) some target regex matches; every regex must match one."""
-    kernels = {p[: -len("/kernel")]: s for p, s in shapes.items() if p.endswith("/kernel")}
+    """Backbone module paths whose `kernel` (of rank `ndim`) some target regex matches; every regex must match one.
+
+    Kernels outside the backbone (the head) are never targets: a regex matching some of them besides backbone
+    kernels adapts the backbone ones only; one matching only them is an error that names them.
+    """
+    inside, outside = split_backbone(shapes)
+    kernels, others = _kernels(inside), _kernels(outside)
     out = set()
     for t in targets:
         try:
@@ -75,6 +102,13 @@ def match_kernels(targets: Sequence[str], shapes: Mapping[str, Any], what: str, 
         except re.error as e:
             raise ValueError(f"{what}: invalid target regex {t!r}: {e}") from e
         hits = [m for m in kernels if rx.search(m + "/kernel")]
+        elsewhere = sorted(m + "/kernel" for m in others if rx.search(m + "/kernel"))
+        if not hits and elsewhere:
+            raise ValueError(
+                f"{what}: target {t!r} matches only {elsewhere} outside the backbone; PEFT methods adapt the "
+                "backbone, and the head trains in full under the rule set (rules.peft trains it): target backbone "
+                "layers, or train the head alone with the rule set 'linear_probe'"
+            )
         if not hits:
             examples = [m + "/kernel" for m in list(kernels)[:3]]
             raise ValueError(f"{what}: target {t!r} matches no kernel of this model (examples: {examples})")

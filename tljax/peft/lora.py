@@ -39,8 +39,9 @@ def dropout(module: nn.Module, x, rate: float, train: bool):
 
 @dataclasses.dataclass(frozen=True)
 class LoRA(Method):
-    """Low-rank updates of the kernels that `targets` (regexes over parameter paths such as
-    `backbone/encoder/layer_0/attention/query/kernel`) select.
+    """Low-rank updates of the backbone kernels that `targets` (regexes over parameter paths such as
+    `backbone/encoder/layer_0/attention/query/kernel`) select. A target also matching the head (r"out/kernel$" and
+    `head/out/kernel`) adapts only its backbone matches; one matching only the head is an error.
 
     Args:
       rank: r. alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `rslora`, Kalajdzievski 2023).
@@ -92,6 +93,12 @@ class LoRA(Method):
     def merge(self, flat: Mapping) -> dict:
         """`flat` parameters with `scale * A B` added to each targeted kernel and the factors removed."""
         out = dict(flat)
+        missing = sorted(m for m in self.modules if f"{m}/lora_a" not in out or f"{m}/lora_b" not in out)
+        if missing:
+            raise ValueError(
+                f"merge: the parameters hold no LoRA factors for {missing[:3]}: pass the parameters of the model "
+                "that peft.apply returned (e.g. the trained state's params), not the base model's"
+            )
         for m in self.modules:
             a, b = out.pop(f"{m}/lora_a"), out.pop(f"{m}/lora_b")
             k = out[f"{m}/kernel"]

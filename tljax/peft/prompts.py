@@ -11,7 +11,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from tljax.peft.core import Method
+from tljax.peft.core import Method, split_backbone
 
 FAMILIES = ("bert", "roberta")
 
@@ -39,7 +39,8 @@ class PromptTuning(Method):
                 f"prompt tuning supports the BERT-family text encoders ({', '.join(FAMILIES)}), not "
                 f"{family.__name__.rsplit('.', 1)[-1]}; use LoRA or adapters for this model"
             )
-        tables = {p.removesuffix("/embedding"): s for p, s in shapes.items() if p.endswith("/embedding")}
+        inside = split_backbone(shapes)[0]  # the backbone's tables only: PEFT methods adapt the backbone
+        tables = {p.removesuffix("/embedding"): s for p, s in inside.items() if p.endswith("/embedding")}
         hits = [m for m in tables if re.search(self.target, m + "/embedding")]
         if len(hits) != 1:
             raise ValueError(f"prompt target {self.target!r} must match one embedding table, matched {hits}")
