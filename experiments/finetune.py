@@ -7,7 +7,9 @@
 Configs are Python files returning an ml_collections ConfigDict (`get_config(arg)`, `file.py:arg` passes arg);
 `--config.<key>=<value>` overrides any key and unknown keys are errors. The work directory (default
 runs/<config name>) receives config.json, metrics.jsonl, tensorboard/, evals.json, checkpoints/, export/ and
-results.json; rerunning a finished one prints its results, rerunning an interrupted one resumes it.
+results.json; rerunning a finished one prints its results, rerunning an interrupted one resumes it. List-valued
+keys are tuples: `--config.data.classes='(0,1)'` (or the flag repeated); `--config.data.text_column=sentence` names a
+file's text column.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def batches(items: list[str], inputs: dict, tokenizer, batch_size: int = 32):
         pre = data.ImagePreprocess(size=inputs["size"], mean=tuple(inputs["mean"]), std=tuple(inputs["std"]),
                                    crop_pct=inputs["crop_pct"], resample=inputs["resample"],
                                    rescale_factor=inputs["rescale_factor"])  # fmt: skip
-        records = [{"pixel_values": pre.pixel_values(decode_image(p))} for p in items]
+        # the job's evaluation transform on each decoded file (resize or crop, then normalise); the label is unused
+        records = [{"pixel_values": pre({"image": decode_image(p), "label": -1})["pixel_values"]} for p in items]
         collate = data.stack
     for i in range(0, len(records), batch_size):
         yield dict(collate(records[i : i + batch_size]))

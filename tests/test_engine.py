@@ -326,6 +326,10 @@ def test_early_stopping_watches_the_final_phase_and_a_rerun_stays_stopped(loaded
         EngineConfig(
             early_stopping=engine.EarlyStopping("loss", "min"), checkpoint=CheckpointConfig(best_metric="accuracy")
         )
+    typo = EngineConfig(str(tmp_path / "typo"), devices=1, progress=False,
+                        early_stopping=engine.EarlyStopping("f1", "max"))  # fmt: skip
+    with pytest.raises(ValueError, match="early_stopping metric 'f1' is not an eval metric"):  # named its own key
+        engine.fit(loaded, sched(loaded), data, typo, eval_data=eval_data)
 
 
 def test_use_cpu_devices_splits_the_cpu_before_jax_starts_and_errors_after():

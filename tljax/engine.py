@@ -687,6 +687,8 @@ class _Run:
         step = int(host_state.step)
         best = self.config.checkpoint.best_metric
         if best and measured is not None and best not in measured:
-            raise ValueError(f"checkpoint best_metric {best!r} is not an eval metric; eval gives {sorted(measured)}")
+            es = self.config.early_stopping
+            key = "early_stopping metric" if es is not None and es.metric == best else "checkpoint best_metric"
+            raise ValueError(f"{key} {best!r} is not an eval metric; eval gives {sorted(measured)}")
         self.ckpts.save(step, host_state.replace(anchor=None), measured if best else None)  # rebuilt on resume
         self.saved_step = step

@@ -13,10 +13,22 @@ exports the model as an HF folder that `load_pretrained` and `experiments.predic
 """
 
 from tljax import engine
-from tljax.job.build import MODES, SECTIONS, ImageInputs, Job, Splits, TextInputs, build, load_splits, model_folder
+from tljax.job.build import (
+    MODES,
+    SECTIONS,
+    ImageInputs,
+    Job,
+    Splits,
+    TextInputs,
+    build,
+    eval_metric_names,
+    load_splits,
+    model_folder,
+)
 from tljax.job.run import CONFIG, DATA_FILE, EXPORT, RESULTS, config_changes, flat_summary, resolved, run, versions
 
 __all__ = [
     "CONFIG", "DATA_FILE", "EXPORT", "MODES", "RESULTS", "SECTIONS", "ImageInputs", "Job", "Splits", "TextInputs",
-    "build", "config_changes", "engine", "flat_summary", "load_splits", "model_folder", "resolved", "run", "versions",
+    "build", "config_changes", "engine", "eval_metric_names", "flat_summary", "load_splits", "model_folder",
+    "resolved", "run", "versions",
 ]  # fmt: skip

@@ -4,7 +4,9 @@ schedule and the `EngineConfig`, without training (tests, notebooks and every mo
 Config sections (tljax/job/defaults.py lists every key with its default):
   model     name (hub id or folder), pooling, head_hidden, head_dropout, reinit, dtype, param_dtype, options,
             config (from scratch), peft (a list of tljax.peft method dicts)
-  data      train / validation / test ("source:split"), validation_fraction, train_size, validation_size,
+  data      train / validation / test ("source:split"; validation and test in train's label space),
+            text_column / label_column / label_names (options of file: sources), validation_fraction,
+            train_size, validation_size,
             test_size, kshot, classes, batch_size, eval_batch_size, max_length, buckets, eval_buckets,
             group_by_length, image_size, augment, seed
   schedule  name + args (a built-in of `tljax.freezing`) or phases (a list of phase dicts)
@@ -24,6 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -31,6 +34,7 @@ import tljax.models as tm
 from tljax import data, engine, freezing, peft
 from tljax.assets import MINILM_HUB_ID, minilm_path
 from tljax.data.records import Split
+from tljax.data.splits import Relabelled
 from tljax.losses import classification_loss
 from tljax.models import hub
 
@@ -93,16 +97,21 @@ def model_folder(name: str) -> str:
 
 
 def load_splits(cfg) -> Splits:
-    """Train, validation (carved from train when the source has none) and test splits, subsampled as asked."""
+    """Train, validation (carved from train when the source has none) and test splits, subsampled as asked.
+
+    Validation and test are read in train's label space (before `classes` selects a subset): a file gets train's
+    label names, another source's classes are mapped to train's by name, so either may lack a class of train."""
     seed = cfg.seed
-    train = data.load(cfg.train)
+    _check_file_keys(cfg)
+    train = _load(cfg, "train", tuple(cfg.get("label_names") or ()) or None)
+    names = train.label_names
     if cfg.get("classes"):
         train = data.label_subset(train, list(cfg.classes))
     if cfg.get("validation"):
-        validation = _same_space(data.load(cfg.validation), train, cfg)
+        validation = _same_space(_load(cfg, "validation", names), train, cfg)
     else:
         train, validation = data.carve_validation(train, cfg.validation_fraction, seed)
-    test = _same_space(data.load(cfg.test), train, cfg) if cfg.get("test") else None
+    test = _same_space(_load(cfg, "test", names), train, cfg) if cfg.get("test") else None
     if cfg.get("kshot"):
         train = data.k_shot(train, cfg.kshot, seed)
     elif cfg.get("train_size"):
@@ -111,7 +120,75 @@ def load_splits(cfg) -> Splits:
         validation = data.subsample(validation, min(cfg.validation_size, len(validation)), seed)
     if test is not None and cfg.get("test_size"):
         test = data.subsample(test, min(cfg.test_size, len(test)), seed)
+    _check_classes(train, cfg.train)
     return Splits(train, validation, test)
+
+
+def _check_classes(train: Split, spec: str) -> None:
+    """Training data of one class makes a classifier that is always right: a mistake (a label column, a subset)."""
+    present = np.flatnonzero(train.class_counts())
+    if len(present) < 2:
+        names = [train.label_names[i] for i in present]
+        raise ValueError(
+            f"data.train ({spec}) has examples of {len(present)} class ({names}) after data.classes / kshot / "
+            f"train_size: classification needs at least 2; check the label column (data.label_column) and the "
+            "data (labels of one value?)"
+        )
+
+
+# data keys of `file:` sources -> their `tljax.data.files.text_file` defaults (label_names: train's file only)
+FILE_KEYS = {"text_column": "text", "label_column": "label", "label_names": ()}
+
+
+def _check_file_keys(cfg) -> None:
+    """data.text_column / label_column / label_names are options of `file:` sources: set for none, a mistake."""
+    for key, default in FILE_KEYS.items():
+        value = cfg.get(key, default)
+        splits = ("train",) if key == "label_names" else ("train", "validation", "test")
+        specs = [cfg.get(k) or "" for k in splits]
+        if value != default and not any(s.startswith("file:") for s in specs):
+            raise ValueError(
+                f"data.{key} {value!r} is an option of file: sources, but data.{' / data.'.join(splits)} "
+                f"({', '.join(s for s in specs if s)}) is none: leave it at {default!r}"
+            )
+
+
+def _load(cfg, key: str, label_names: tuple[str, ...] | None = None) -> Split:
+    """The split data.`key` names, in the label space `label_names` when given: a `file:` one read with the
+    configured columns and those names, another mapped into them by class name."""
+    spec = cfg[key]
+    if not spec.startswith("file:"):
+        split = data.load(spec)
+        return split if label_names is None else _in_label_space(split, label_names)
+    columns = {k: cfg.get(k, FILE_KEYS[k]) for k in ("text_column", "label_column")}
+    try:
+        return data.load(spec, **columns, **({} if label_names is None else {"label_names": label_names}))
+    except data.DataFileError as e:
+        raise _in_job_terms(e, key) from None
+
+
+def _in_job_terms(error: data.DataFileError, key: str) -> data.DataFileError:
+    """A file reader's error whose fix names `text_file` keywords ("pass text_column=") with the job's keys added."""
+    named = [k for k in FILE_KEYS if f"{k}=" in str(error)]
+    if not named:
+        return error
+    keys = ", ".join(f"--config.data.{k}" for k in named)
+    return data.DataFileError(f"{error} (reading data.{key}; in the job: {keys})")
+
+
+def _in_label_space(split: Split, names: tuple[str, ...]) -> Split:
+    """`split` relabelled by class name into `names` (train's classes); a class that train lacks is an error."""
+    if split.label_names == names:
+        return split
+    extra = [n for n in split.label_names if n not in names]
+    if extra:
+        raise ValueError(
+            f"{split.name} has class(es) {extra[:8]} that the training data ({len(names)} classes: "
+            f"{list(names)[:8]}) lacks: a model trained on train's classes cannot be evaluated on them; evaluate on "
+            "data whose classes train covers"
+        )
+    remap = np.asarray([names.index(n) for n in split.label_names], np.int64)
+    return Relabelled.of(split, remap, names)
 
 
 def _same_space(split: Split, train: Split, cfg) -> Split:
@@ -207,6 +284,19 @@ def make_inputs(loaded, folder: str | None, kind: str, cfg, num_classes: int):
     return ImageInputs(preprocess, augment, num_classes)
 
 
+def check_text_length(loaded, max_length: int) -> None:
+    """The longest batch the job makes (data.max_length tokens) traced through the model (shapes only, nothing is
+    computed): a length beyond its position table fails now, not at the first evaluation after training."""
+    batch = {k: jax.ShapeDtypeStruct((1, max_length), np.int32) for k in ("input_ids", "attention_mask")}
+    try:
+        jax.eval_shape(lambda variables, b: loaded.model.apply(variables, **b), loaded.variables, batch)
+    except ValueError as e:
+        raise ValueError(
+            f"data.max_length {max_length} does not fit the model: {e}. Set --config.data.max_length to at most "
+            "that limit (and data.buckets / data.eval_buckets to end there)"
+        ) from None
+
+
 def load_model(cfg, num_classes: int, seed: int = 0):
     """The checkpoint `cfg.name` names, or with `cfg.config` (an HF config dict) a model trained from scratch."""
     head = tm.ClassificationHead(num_classes, hidden=cfg.get("head_hidden", 0), dropout=cfg.get("head_dropout", 0.0))
@@ -268,6 +358,24 @@ def make_engine_config(config, workdir: str | None, steps_per_epoch: int) -> eng
     return engine.EngineConfig.from_config(values)
 
 
+def eval_metric_names(num_classes: int) -> tuple[str, ...]:
+    """The metrics every evaluation of the job gives (`evaluation.report_from_sums` with the engine's top-5, at most
+    the number of classes), which early stopping and the best checkpoint may watch."""
+    return ("loss", "accuracy", f"top{min(5, num_classes)}_accuracy", "macro_f1", "balanced_accuracy", "ece")
+
+
+def check_selection_metrics(engine_cfg, num_classes: int) -> None:
+    """engine.checkpoint.best_metric and engine.early_stopping.metric (when on) name evaluation metrics: a typo
+    fails now, naming its key, not at the first evaluation."""
+    keys = {"engine.checkpoint.best_metric": engine_cfg.get("checkpoint", {}).get("best_metric")}
+    if engine_cfg.get("early_stopping", {}).get("patience"):
+        keys["engine.early_stopping.metric"] = engine_cfg.early_stopping.get("metric")
+    valid = eval_metric_names(num_classes)
+    for key, metric in keys.items():
+        if metric and metric not in valid:
+            raise ValueError(f"{key} {metric!r} is not an evaluation metric; evaluation gives {list(valid)}")
+
+
 REGULARIZER_KEYS = {"l2_sp": ("alpha", "beta", "rules"), "delta": ("alpha", "layers", "channel_weights")}
 
 
@@ -278,7 +386,9 @@ def _regularizer(cfg: dict) -> dict | None:
         return None
     keys = REGULARIZER_KEYS.get(cfg["name"], tuple(cfg))  # an unknown name: the library's error names the choices
     out = {"name": cfg["name"], **{k: v for k, v in cfg.items() if k in keys}}
-    if not out.get("layers"):
+    if out.get("layers"):
+        out["layers"] = list(out["layers"])  # a tuple in the config (settable on the command line)
+    else:
         out.pop("layers", None)
     if "rules" in out:
         out.pop("alpha", None), out.pop("beta", None)
@@ -294,6 +404,8 @@ def build(config, workdir: str | None = None) -> Job:
     loaded = load_model(config.model, classes, config.seed)
     folder = None if from_scratch(config.model) else str(hub.resolve(model_folder(config.model.name)))
     inputs = make_inputs(loaded, folder, splits.train.kind, d, classes)
+    if isinstance(inputs, TextInputs):
+        check_text_length(loaded, d.max_length)
     train_data = data.TrainData(splits.train, batch_size=d.batch_size, seed=d.get("seed", config.seed),
                                 **inputs.train_kwargs(splits.train))  # fmt: skip
     evaluated = lambda split: data.EvalData(inputs.eval_order(split), batch_size=d.eval_batch_size,
@@ -303,6 +415,7 @@ def build(config, workdir: str | None = None) -> Job:
     engine_config = make_engine_config(config, workdir, train_data.steps_per_epoch)
     schedule = None  # the probe mode trains no schedule
     if config.get("mode", "finetune") == "finetune":
+        check_selection_metrics(config.engine, classes)
         schedule = make_schedule(config.schedule, loaded)
         freezing.resolve(schedule, loaded, steps_per_epoch=train_data.steps_per_epoch, **engine_config.optimizer)
     smoothing = config.get("loss", {}).get("label_smoothing", 0.0)

@@ -36,7 +36,8 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Trains, evaluates and exports; returns the results dict (also written to workdir/results.json).
 
     A workdir holding `results.json` of the same config returns it without training; one holding a run of another
-    config is an error (use a new workdir); an interrupted one is resumed.
+    config (results or a checkpoint) is an error (use a new workdir); an interrupted one is resumed. An attempt of
+    another config that saved nothing (rejected at its first step) is moved to workdir/attempts/<n>/.
     """
     workdir = Path(workdir)
     finished = _finished(workdir, config)
@@ -69,14 +70,43 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
 def _finished(workdir: Path, config) -> dict | None:
     if (workdir / CONFIG).is_file():
         changed = config_changes(json.loads((workdir / CONFIG).read_text()), resolved(config))
-        if changed:
+        if changed and _holds_a_run(workdir):
             raise ValueError(
                 f"{workdir} holds a run of another config ({', '.join(changed[:6])} differ): use a new --workdir, or "
                 "delete it to start over"
             )
+        if changed:
+            _set_aside(workdir, changed)
     if (workdir / RESULTS).is_file():
         return json.loads((workdir / RESULTS).read_text())
     return None
+
+
+ATTEMPTS = "attempts"
+ATTEMPT_FILES = (CONFIG, "metrics.jsonl", engine.EvalLog.FILE, "tensorboard")  # what a run writes before its first save
+
+
+def _holds_a_run(workdir: Path) -> bool:
+    """Results or a saved checkpoint: something a rerun would report or resume. An attempt that stopped before its
+    first checkpoint (a config rejected at the first step, a crash) holds neither."""
+    checkpoints = workdir / "checkpoints"
+    saved = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())  # orbax: one dir per step
+    return saved or (workdir / RESULTS).is_file()
+
+
+def _set_aside(workdir: Path, changed: list[str]) -> None:
+    """Moves the files of an attempt that saved nothing to workdir/attempts/<n>/: the new run starts clean, and the
+    failed attempt's config and logs are kept."""
+    if jax.process_index() != 0:
+        return
+    earlier = [int(p.name) for p in (workdir / ATTEMPTS).glob("*") if p.name.isdigit()]
+    target = workdir / ATTEMPTS / str(max(earlier, default=0) + 1)
+    target.mkdir(parents=True)
+    for name in ATTEMPT_FILES:
+        if (workdir / name).exists():
+            os.replace(workdir / name, target / name)
+    log.warning("%s held an attempt of another config (%s differ) that saved no checkpoint: its files are moved to "
+                "%s; starting over", workdir, ", ".join(changed[:6]), target)  # fmt: skip
 
 
 def config_changes(saved: Mapping, current: Mapping) -> list[str]:
@@ -111,23 +141,15 @@ def _write_config(workdir: Path, config) -> None:
 
 def _report(job: Job, result: engine.FitResult, workdir: Path) -> dict:
     """Test evaluation per phase and of the selected model, the export, and the results dict."""
-    plan, total = result.plan, tree.count(job.loaded.params)
-    tests = TestAt(job, plan, workdir)
-    phases = []
-    cache = job.engine_config.prefix_cache
-    for p in plan.phases:
-        reached = [e for e in result.evals if e["step"] == p.stop]
-        test = tests.report(p.stop).metrics if reached and job.test_data else None
-        cached = prefix_cache.cached_blocks(cache, job.loaded, p.partition)
-        phases.append({"name": p.name, "start": p.start, "end": p.stop, "trainable_params": p.partition.count("train"),
-                       "total_params": total, "prefix_cached_blocks": cached,
-                       "validation": reached[0]["metrics"] if reached else None, "test": test})  # fmt: skip
+    tests = TestAt(job, result.plan, workdir)
+    phases = _phases(job, result, tests)
     selected, step = _selected(job, result)
     test = tests.report(step) if job.test_data else None
     _export(job, tests.state(step), workdir)
     es = job.engine_config.early_stopping
     metric = es.metric if es else job.engine_config.checkpoint.best_metric or "accuracy"
-    best = _best_eval(result.evals, metric, es.mode if es else job.engine_config.checkpoint.best_mode)
+    mode = es.mode if es else job.engine_config.checkpoint.best_mode
+    best = _best_eval(result.evals, metric, mode, step if selected == "best_validation" else None)
     timing = _timing(result, job.train_data.batch_size)
     out = {
         "test_accuracy": test.metrics["accuracy"] if test else None,
@@ -142,6 +164,24 @@ def _report(job: Job, result: engine.FitResult, workdir: Path) -> dict:
         **common_fields(job),
     }  # fmt: skip
     return out
+
+
+def _phases(job: Job, result: engine.FitResult, tests: TestAt) -> list[dict]:
+    """Each phase as it ran: its actual end (an early-stopped phase ends where it stopped, `planned_end` is the
+    plan's), its evaluation there and the test evaluation of the checkpoint there."""
+    final, total = int(jax.device_get(result.state.step)), tree.count(job.loaded.params)
+    evals = {e["step"]: e["metrics"] for e in result.evals}
+    cache = job.engine_config.prefix_cache
+    phases = []
+    for p in result.plan.phases:
+        end = max(p.start, min(p.stop, final))  # a phase after an early stop (none today) did not run: end = start
+        validation = evals.get(end) if end > p.start else None
+        test = tests.report(end).metrics if validation is not None and job.test_data else None
+        cached = prefix_cache.cached_blocks(cache, job.loaded, p.partition)
+        phases.append({"name": p.name, "start": p.start, "end": end, "planned_end": p.stop,
+                       "trainable_params": p.partition.count("train"), "total_params": total,
+                       "prefix_cached_blocks": cached, "validation": validation, "test": test})  # fmt: skip
+    return phases
 
 
 class TestAt:
@@ -173,11 +213,16 @@ def _selected(job: Job, result: engine.FitResult) -> tuple[str, int]:
     return "final", int(jax.device_get(result.state.step))
 
 
-def _best_eval(evals: list[dict], metric: str, mode: str) -> dict | None:
+def _best_eval(evals: list[dict], metric: str, mode: str, step: int | None = None) -> dict | None:
+    """The best evaluation by `metric`: the one at `step` (the selected checkpoint's) when given, else the best
+    value with ties going to the latest step, the rule by which the checkpoint manager picks its best step."""
     rows = [e for e in evals if metric in e["metrics"]]
-    if not rows:
+    at_step = [e for e in rows if e["step"] == step]
+    finite = [e for e in rows if np.isfinite(e["metrics"][metric])]
+    if not at_step and not finite:
         return None
-    pick = (max if mode == "max" else min)(rows, key=lambda e: e["metrics"][metric])
+    sign = 1.0 if mode == "max" else -1.0
+    pick = at_step[0] if at_step else max(finite, key=lambda e: (sign * e["metrics"][metric], e["step"]))
     return {"metric": metric, "value": pick["metrics"][metric], "step": pick["step"], "phase": pick["phase"]}
 
 
@@ -238,10 +283,12 @@ def flat_summary(results: Mapping) -> str:
                 f"{'n/a' if test is None else format(test, '.4f')}")  # fmt: skip
     for p in results["phases"]:
         val, test = p["validation"] or {}, p["test"] or {}
+        planned = p.get("planned_end", p["end"])  # results.json before planned_end: the plan's end
         lines.append(
             f"phase {p['name']:<10} steps {p['start']}-{p['end']:<6} trainable {p['trainable_params']:>12,} / "
             f"{p['total_params']:,}   val acc {val.get('accuracy', float('nan')):.4f}   "
             f"test acc {test.get('accuracy', float('nan')):.4f}"
+            + (f"   stopped early (planned {p['start']}-{planned})" if planned != p["end"] else "")
         )
     if results["test_accuracy"] is not None:
         lines.append(f"test_accuracy {results['test_accuracy']:.4f} ({results['selected']['which']} model, step "

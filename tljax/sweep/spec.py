@@ -278,7 +278,7 @@ def command(run_folder: str | os.PathLike, *, compilation_cache: str | None = No
     """The command line that mode "subprocess" runs for the point in `run_folder` (its point.json written, the
     sweep's sweep.json two levels up): `python -m experiments.finetune --config <point.py>:<run_folder> --workdir
     <run_folder>`, where experiments/configs/sweeps/point.py returns `folder_config(run_folder)`. Not the base config
-    with `--config.<key>=<value>` flags: ml_collections cannot set list-valued keys (data.buckets) or None that way."""
+    with `--config.<key>=<value>` flags: a point's values (dicts of phases, None) do not all have a flag form."""
     folder = Path(run_folder).resolve()
     config = ROOT / "experiments" / "configs" / "sweeps" / "point.py"
     cache = [] if compilation_cache is None else [f"--compilation_cache={compilation_cache}"]
