@@ -50,7 +50,7 @@ def base_adapt_config() -> ConfigDict:
     c.adapt = ConfigDict()
     c.adapt.method = "source_only"  # source_only | dann | mmd | coral
     c.adapt.weight = 1.0  # lambda: source CE + weight * (domain BCE | MMD^2 | CORAL)
-    c.adapt.domain_hidden = [256]  # dann: the domain classifier's hidden widths (DANN papers: [1024, 1024])
+    c.adapt.domain_hidden = (256,)  # dann: the domain classifier's hidden widths (DANN papers: (1024, 1024))
     c.adapt.domain_dropout = 0.5
     c.adapt.kernels = 5  # mmd: Gaussian kernels at bandwidths s * 2^-2 .. s * 2^2 (s: mean squared distance)
     c.adapt.kernel_mul = 2.0
@@ -72,7 +72,7 @@ def wordnet(c: ConfigDict) -> None:
     c.data.batch_size = 32
     c.data.eval_batch_size = 256
     c.data.max_length = 32
-    c.data.buckets = [32]
+    c.data.buckets = (32,)
     c.schedule.name = "top_k"  # e.g. --config.schedule.args.lr.peak=3e-4
     c.schedule.args = {"k": 2, "steps": 300, "lr": {"schedule": "cosine", "peak": 1e-3, "warmup_steps": 30}}
 

@@ -65,7 +65,7 @@ def get_config(arg=None):
     weighting = "uncertainty" if arg.startswith("uncertainty") else "fixed"
     c.loss = ml_collections.ConfigDict({"weighting": weighting, "weights": {}})
     c.data = ml_collections.ConfigDict(
-        {"batch_size": 32, "eval_batch_size": 128, "max_length": 32, "buckets": [16, 32], "eval_buckets": []}
+        {"batch_size": 32, "eval_batch_size": 128, "max_length": 32, "buckets": (16, 32), "eval_buckets": ()}
     )
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "top2"
