@@ -467,7 +467,9 @@ def test_a_run_rejected_before_its_first_checkpoint_leaves_the_workdir_reusable(
     with pytest.raises(ValueError, match="not divisible"):
         job.run(config, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "config.json").is_file()
-    results = job.run(tiny_config(tiny_text_dir), tmp_path / "run", progress=False)
+    short = tiny_config(tiny_text_dir, eval_buckets=(48,))  # one compiled step and eval shape: the workdir is tested
+    short.schedule = {"name": "linear_probe", "args": {"steps": 1, "lr": 1e-2}}
+    results = job.run(short, tmp_path / "run", progress=False)
     assert results["status"] == "completed" and results["config"]["data"]["batch_size"] == 16
     attempt = tmp_path / "run" / "attempts" / "1"
     assert json.loads((attempt / "config.json").read_text())["data"]["batch_size"] == config.data.batch_size
