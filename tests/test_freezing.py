@@ -284,9 +284,7 @@ def test_rule_clip_in_one_phase_only_carries_state(clf):
     _assert_close(clipped.params, plain.params)
     a, b = P.state_by_param(clipped.opt_state, plain.params), P.state_by_param(plain.opt_state, plain.params)
     assert set(a) == set(b) and len(a) == 2 * len(tree.flatten(plain.params))  # Adam's mu and nu of every leaf
-    _assert_close(a, b)
-    tight, _ = run_schedule(clf, sched({"clip_norm": 1e-3}))  # a clip that triggers changes the probe
-    assert not _bitwise_equal(tight.params, plain.params)
+    _assert_close(a, b)  # (that a clip which triggers bounds the rule's update: tests/test_partition.py)
 
 
 def _assert_close(a, b):
