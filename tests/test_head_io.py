@@ -111,6 +111,8 @@ def test_save_load_round_trip_keeps_the_head(folders, tmp_path, family, pooling,
     head = tm.ClassificationHead(4, hidden=hidden)
     loaded = tm.load_pretrained(folders[family], head=head, pooling=pooling)
     params, inputs = _tuned(loaded), _inputs(family)
+    with pytest.raises(ValueError, match=r"label_names names \['a'\] more than once"):  # label2id would lose a class
+        tm.save_pretrained(tmp_path / "dup", loaded, params=params, label_names=["a", "a", "c", "d"])
     out = tm.save_pretrained(tmp_path / "export", loaded, params=params, label_names=["a", "b", "c", "d"])
     assert (out / "tljax_head.safetensors").is_file() == (hf_class is None)
     again = tm.load_pretrained(out)

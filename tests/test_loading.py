@@ -1,6 +1,7 @@
 """load_pretrained / save_pretrained behaviour: strict merging, reports, heads, bad input, export round trip."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -107,6 +108,30 @@ def test_pattern_matching_nothing_is_an_error(tiny_bert_dir):
         tm.load_pretrained(tiny_bert_dir, ignore=["typo"])
     with pytest.raises(TypeError, match="list of regexes"):
         tm.load_pretrained(tiny_bert_dir, reinit="pooler")
+
+
+def test_ignore_matching_tensors_the_model_loads_is_an_error(tiny_bert_dir):
+    """Regression: ignore=[r"^pooler[.]"] passed its "must match" check and the pooler loaded anyway, reported as
+    neither ignored nor anything else. ignore= drops only tensors without a place; reinit= starts parameters afresh,
+    and ignoring the tensors of parameters being re-initialised stays allowed."""
+    message = r"ignore pattern(s) match checkpoint tensors the model loads: '^pooler\.': [pooler.dense.bias, pooler"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        tm.load_pretrained(tiny_bert_dir, ignore=[r"^pooler\."])
+    loaded = tm.load_pretrained(tiny_bert_dir, ignore=[r"^pooler\."], reinit=["^pooler/"])
+    assert loaded.report.reinitialized == ["params/pooler/dense/bias", "params/pooler/dense/kernel"]
+
+
+def test_damaged_json_files_and_bad_options_are_named(bert_copy):
+    """Regression: a truncated config.json / shard index raised a bare JSONDecodeError naming no file; another
+    family's option or a dtype typo failed inside build() or numpy."""
+    with pytest.raises(ValueError, match=r"bert models take no option \['image_size'\]; their options: .*dropout"):
+        tm.load_pretrained(bert_copy, image_size=64)
+    with pytest.raises(ValueError, match="dtype 'bf16' .* use 'float32' or 'bfloat16'"):
+        tm.load_pretrained(bert_copy, dtype="bf16")
+    config = bert_copy / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(CheckpointError, match=rf"{config} is not valid JSON .* damaged; fetch or save it again"):
+        tm.load_pretrained(bert_copy)
 
 
 def test_pickle_needs_opt_in(tiny_bert_dir, tmp_path):

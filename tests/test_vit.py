@@ -1,5 +1,7 @@
 """ViT parity with transformers' PyTorch `ViTModel`, checkpoint variants, position-table resampling, export."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +85,12 @@ def test_wrong_image_size_is_an_error(vit_pair):
         loaded.model.apply(loaded.variables, pixel_values=_pixels(1, 48, 48))
     with pytest.raises(ValueError, match="3 channels"):
         loaded.model.apply(loaded.variables, pixel_values=np.zeros((1, 32, 32, 3), np.float32))
+    # Regression: sizes below one patch reached the resampling and failed there with a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"input image size=\(4, 4\) is smaller than one 8x8 patch"):
+        loaded.model.apply(loaded.variables, pixel_values=_pixels(1, 4, 4), interpolate_pos_encoding=True)
+    for size in (4, 0, (32, 4)):
+        with pytest.raises(ValueError, match=re.escape(f"image_size={size!r} is smaller than one 8x8 patch")):
+            vit.build(_config(), image_size=size)
 
 
 @pytest.fixture(scope="module")

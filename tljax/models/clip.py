@@ -22,7 +22,7 @@ import numpy as np
 
 from tljax.models import layers
 from tljax.models.convert import CONV, LINEAR, KeyMap, KeyRule, dense_rules, norm_rules
-from tljax.models.vit import resample_table
+from tljax.models.vit import check_image_size, resample_table
 
 MODEL_TYPES = ("clip", "clip_vision_model")
 PREFIXES = ()  # CLIPModel / CLIPVisionModel keys already start at text_model. / vision_model.
@@ -408,6 +408,7 @@ def build(
         kernel on a GPU in bf16; no attention dropout).
     """
     if image_size is not None:
+        check_image_size(_square(image_size, "image_size"), _vision_config(hf_config).patch_size)
         _vision_config(hf_config).image_size = _square(image_size, "image_size")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     rates = dict(

@@ -17,7 +17,10 @@ Each family module provides:
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
+
+import jax.numpy as jnp
 
 from tljax.models import bert, clip, resnet, vit
 
@@ -35,3 +38,20 @@ def family(model_type: str) -> ModuleType:
     if model_type not in FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r}; tljax supports: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
+
+
+NOT_OPTIONS = ("hf_config", "dtype", "param_dtype", "checkpoint_keys")  # build's arguments the loaders set
+
+
+def build(fam: ModuleType, hf_config, dtype, param_dtype, **options):
+    """`fam.build` with the dtypes by name ("float32", "bfloat16") and only the options the family has: a typo or
+    another family's option (image_size for BERT) is an error listing the ones it takes."""
+    unknown = sorted(set(options) - set(inspect.signature(fam.build).parameters) - set(NOT_OPTIONS))
+    if unknown:
+        known = [p for p in inspect.signature(fam.build).parameters if p not in NOT_OPTIONS]
+        raise ValueError(f"{hf_config.model_type} models take no option {unknown}; their options: {known}")
+    try:
+        dtypes = {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(param_dtype or dtype)}
+    except TypeError as e:
+        raise ValueError(f"dtype {dtype!r} / param_dtype {param_dtype!r}: {e}; use 'float32' or 'bfloat16'") from e
+    return fam.build(hf_config, **dtypes, **options), dtypes

@@ -147,5 +147,8 @@ def _set_labels(cfg, num_classes: int, label_names) -> None:
     label_names = list(label_names)
     if len(label_names) != num_classes:
         raise ValueError(f"label_names has {len(label_names)} names but the head has {num_classes} classes")
+    twice = sorted({str(n) for n in label_names if label_names.count(n) > 1})
+    if twice:
+        raise ValueError(f"label_names names {twice} more than once: label2id could not map each class back")
     cfg.id2label = dict(enumerate(label_names))
     cfg.label2id = {name: i for i, name in enumerate(label_names)}

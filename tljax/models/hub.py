@@ -82,10 +82,17 @@ def _from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
         ) from e
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; a damaged one (an interrupted copy) is a CheckpointError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the file is damaged; fetch or save it again") from e
+
+
 def read_config_dict(folder: Path) -> dict:
     """The raw `config.json` as a dict."""
-    with open(folder / "config.json") as f:
-        return json.load(f)
+    return read_json(folder / "config.json")
 
 
 def read_state_dict(folder: Path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -94,7 +101,7 @@ def read_state_dict(folder: Path, *, allow_pickle: bool = False) -> dict[str, np
     if single.is_file():
         return _read_safetensors([single])
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         return _read_safetensors([folder / s for s in shards])
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins and not allow_pickle:

@@ -130,10 +130,10 @@ def load_pretrained(
     reinit_res, ignore_res = _compile("reinit", reinit), _compile("ignore", ignore)
     new_head = any(r.search("head/out/kernel") for r in reinit_res)
     found = head_io.find(folder, raw_config, fam, hf_config, state_dict)
-    dtype = jnp.dtype(dtype)
-    dtypes = dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype))
+    backbone, dtypes = families.build(
+        fam, hf_config, dtype, param_dtype, checkpoint_keys=set(state_dict), **family_options
+    )
     head, pooling = head_io.requested(head, num_classes, pooling, found, fam, new_head, **dtypes)
-    backbone = fam.build(hf_config, checkpoint_keys=set(state_dict), **dtypes, **family_options)
     model = WithHead(backbone, head, pooling) if head is not None else backbone
     take_head = head is not None and found is not None and not new_head
     if take_head:
@@ -221,6 +221,7 @@ def _merge(model, fam, hf_config, state_dict, head, source, reinit_res, ignore_r
     report.ignored = _check_unexpected(keymap.unmapped(state_dict), converted, src, shapes, fam.IGNORE, ignore_res)
     to_init = _to_reinit(shapes, converted, src, reinit_res, prefix, has_head=bool(head_tensors))
     _check_patterns_used("ignore", ignore_res, state_dict)
+    _check_ignore_unused(ignore_res, sorted(src[p] for p in converted if p in shapes and p not in to_init))
     _check_patterns_used("reinit", reinit_res, [_collection_free(p) for p in shapes])
     out = {p: jnp.asarray(converted[p], dtype=shapes[p].dtype) for p in shapes if p not in to_init}
     out.update(init_only(model, dummy, rngs, to_init))
@@ -252,6 +253,19 @@ def _check_patterns_used(what: str, regexes: list[re.Pattern], names: Iterable[s
     if unused:
         target = "checkpoint key" if what == "ignore" else "model parameter path"
         raise CheckpointError(f"{what} pattern(s) {unused} match no {target}; fix the regex (examples: {names[:3]}).")
+
+
+def _check_ignore_unused(regexes: list[re.Pattern], used: list[str]) -> None:
+    """`ignore` drops checkpoint tensors that have no place in the model; one that matches a tensor the model loads
+    would silently load it anyway."""
+    hits = {r.pattern: [k for k in used if r.search(k)] for r in regexes}
+    named = ", ".join(f"'{p}': {_preview(keys, 3)}" for p, keys in hits.items() if keys)
+    if named:
+        raise CheckpointError(
+            f"ignore pattern(s) match checkpoint tensors the model loads: {named}. "
+            "ignore= only drops tensors with no place in the model; to start those parameters afresh, pass "
+            "reinit=[regex over model parameter paths] instead."
+        )
 
 
 def _check_unexpected(unmapped, converted, src, shapes, family_ignore, user_ignore) -> list[str]:

@@ -57,10 +57,8 @@ def from_config(
     weights). The report lists every parameter as re-initialised."""
     hf_config = hf_config_of(config)
     fam = families.family(hf_config.model_type)
-    dtype = jnp.dtype(dtype)
-    dtypes = dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype))
+    backbone, dtypes = families.build(fam, hf_config, dtype, param_dtype, **family_options)
     head, pooling = head_io.requested(head, num_classes, pooling, None, fam, True, **dtypes)
-    backbone = fam.build(hf_config, **dtypes, **family_options)
     model = WithHead(backbone, head, pooling) if head is not None else backbone
     variables = jax.jit(lambda key: model.init({"params": key}, **fam.dummy_inputs(hf_config)))(jax.random.key(seed))
     variables = dict(variables)

@@ -42,6 +42,13 @@ def _pair(x) -> Pair:
     return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 
 
+def check_image_size(image_size, patch_size, name: str = "image_size") -> None:
+    """A size (int or (h, w)) of at least one patch on each side: a smaller one has no patch grid to embed."""
+    (h, w), (ph, pw) = _pair(image_size), _pair(patch_size)
+    if h < ph or w < pw:
+        raise ValueError(f"{name}={image_size!r} is smaller than one {ph}x{pw} patch: use at least {ph}x{pw}")
+
+
 def _cubic_weights(t: np.ndarray, a: float = -0.75) -> list[np.ndarray]:
     """PyTorch's bicubic convolution weights (A = -0.75) for the 4 taps at offsets -1, 0, 1, 2 from floor(x)."""
     near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
@@ -122,7 +129,9 @@ class Embeddings(nn.Module):
             raise ValueError(
                 f"pixel_values must be NCHW with {self.num_channels} channels (HF layout), got shape {tuple(shape)}"
             )
-        if not interpolate and tuple(shape[2:]) != self.image_size:
+        if interpolate:
+            check_image_size(tuple(shape[2:]), self.patch_size, "input image size")
+        elif tuple(shape[2:]) != self.image_size:
             raise ValueError(
                 f"input image size {shape[2]}x{shape[3]} does not match the model's "
                 f"{self.image_size[0]}x{self.image_size[1]}; pass interpolate_pos_encoding=True, or "
@@ -232,6 +241,7 @@ def build(
     c = hf_config
     _check_supported(c)
     if image_size is not None and _pair(image_size) != _pair(c.image_size):
+        check_image_size(image_size, c.patch_size)
         c.image_size = image_size
     if add_pooling_layer is None:
         add_pooling_layer = any(k.startswith("pooler.") for k in checkpoint_keys) or not checkpoint_keys
