@@ -153,6 +153,27 @@ def test_logs_jsonl_and_tensorboard(single):
     assert list((path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_crashed_run_resumes_with_each_step_logged_once(loaded, tmp_path):
+    """Regression: a run that crashed at step 5 after its checkpoint at 4 logged step 5 again when resumed (and
+    TensorBoard held both): rows past the resumed checkpoint are dropped, events purged from it on."""
+
+    def crash(start):
+        for step in itertools.count(start):
+            if step == 7:  # batch 7 is step 8's: steps 1-7 ran, the checkpoint of step 6 is the last
+                raise RuntimeError("the machine went away")
+            yield global_batch(step)
+
+    cfg = EngineConfig(
+        str(tmp_path / "c"), devices=1, progress=False, log_every=1, checkpoint=CheckpointConfig(every=2)
+    )
+    with pytest.raises(RuntimeError, match="went away"):
+        engine.fit(loaded, sched(loaded, steps=8), crash, cfg)
+    assert len(losses(tmp_path, "c")) == 7
+    engine.fit(loaded, sched(loaded, steps=8), data, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+
+
 def test_same_seed_same_result(loaded, single, tmp_path):
     ref, _ = single
     again = fit(loaded, tmp_path, "again", devices=1)
@@ -180,6 +201,18 @@ def test_config_errors(loaded, tmp_path):
         fit(loaded, tmp_path, "bad2", devices=9)
     with pytest.raises(ValueError, match="not divisible by accumulate=3"):
         fit(loaded, tmp_path, "bad3", accumulate=3, devices=1)
+    for bad in (0, -2, 1.5):  # regression: 0 failed as a ZeroDivisionError after the step compiled
+        with pytest.raises(ValueError, match=f"EngineConfig.accumulate must be an int >= 1, got {bad}"):
+            EngineConfig(accumulate=bad)
+
+
+def test_pmap_in_several_processes_is_refused(monkeypatch):
+    """Regression: pmap compiled for every process's devices but was fed this process's: an XLA type error at the
+    first step of a multi-host run."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="parallel='pmap' runs in one process, and this is one of 2: use "):
+        parallel.Placement("pmap")
+    assert parallel.Placement("data").mode == "data"
 
 
 def test_eval_metrics_go_only_with_the_checkpoint_of_their_step(loaded, tmp_path):
@@ -276,7 +309,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(loaded, single, tm
 def test_a_config_mismatch_is_an_error_not_damage(loaded, tmp_path):
     """When no checkpoint restores (here: another optimizer), nothing is moved: the error is raised."""
     fit(loaded, tmp_path, "x", steps=6, devices=1, checkpoint={"every": 2})
-    with pytest.raises(RuntimeError, match="no checkpoint in .* restores; the newest"):
+    with pytest.raises(RuntimeError, match="(?s)no checkpoint in .* restores; the newest.*holds a run of another"):
         fit(loaded, tmp_path, "x", steps=6, devices=1, checkpoint={"every": 2}, optimizer={"optimizer": "sgd"})
     assert not (tmp_path / "x" / "checkpoints.corrupt").exists()
 

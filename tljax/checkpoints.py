@@ -144,7 +144,11 @@ class Checkpoints:
         if failures:
             step, error = failures[0]
             raise RuntimeError(
-                f"no checkpoint in {self.directory} restores; the newest (step {step}) fails: {error}"
+                f"no checkpoint in {self.directory} restores; the newest (step {step}) fails: "
+                f"{type(error).__name__}: {str(error)[:600]}\nWhen every checkpoint fails alike, the work directory "
+                "holds a run of another model, number of classes, PEFT setup or freezing schedule than this one: "
+                "use a new workdir, or the model and schedule it was trained with (orbax's advice above does not "
+                "apply to tljax's runs)"
             ) from error
         return None, None
 

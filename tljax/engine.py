@@ -123,6 +123,10 @@ class EngineConfig:
     compiler_options: Mapping[str, Any] | None = None
 
     def __post_init__(self):
+        for name in ("accumulate", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {value!r}")
         self._check_regularizer()
         if self.prefix_cache is not None and self.frozen_batchnorm != "inference":
             raise ValueError(

@@ -31,20 +31,32 @@ class MetricWriter:
         if not self.enabled:
             return
         if workdir is not None:
-            self._open_files(Path(workdir), tensorboard)
+            self._open_files(Path(workdir), tensorboard, initial_step)
         if progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
         self._last = (time.perf_counter(), initial_step)
 
-    def _open_files(self, workdir: Path, tensorboard: bool) -> None:
+    def _open_files(self, workdir: Path, tensorboard: bool, initial_step: int) -> None:
+        """Appends to the run's logs from `initial_step` on: rows and events of later steps (a run that went past
+        the checkpoint it resumes from, e.g. killed, or rolled back from a damaged checkpoint) are dropped first, so
+        each step is logged once."""
         workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        path = workdir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= initial_step]
+            if len(kept) != len(lines):
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(path)
+        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            # purge_step: TensorBoard hides the events at and after it that the log holds from before
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=initial_step + 1)
 
     def write(self, step: int, split: str, metrics: dict, **extra) -> None:
         if not self.enabled:

@@ -163,6 +163,11 @@ class Placement:
 
     def __init__(self, mode: str = "data", devices: int | None = None, fsdp_min_size: int = FSDP_MIN_SIZE):
         self.mode = check_mode(mode)
+        if self.mode == "pmap" and jax.process_count() > 1:
+            raise ValueError(
+                f"parallel='pmap' runs in one process, and this is one of {jax.process_count()}: use parallel='data' "
+                "(or 'fsdp'), which shard the same batch over every process's devices"
+            )
         self.fsdp_min_size = fsdp_min_size
         all_devices = jax.devices()
         if devices is not None and not 1 <= devices <= len(all_devices):
