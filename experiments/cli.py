@@ -35,6 +35,22 @@ def define_flags(default_config: str, seeds: list[str] | None = None) -> None:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flags_parser: absl's, plus a clear exit for a `--config.<key>` override that names no key of the
+    config (ml_collections raises a bare AttributeError from deep inside)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as e:
+        leaf = str(e).strip("\"'")
+        given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and a.split("=", 1)[0].endswith(leaf)]
+        sys.exit(
+            f"{', '.join(given) or leaf}: the config has no key {leaf!r}. Check the spelling against the config file "
+            "(the job's keys and defaults: tljax/job/defaults.py)"
+        )
+
+
 def start(argv, fallback_name: str):
     """Checks the command line, quiets the logs, turns the compilation cache on; returns (config, workdir)."""
     if len(argv) > 1:

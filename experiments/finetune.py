@@ -37,4 +37,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     cli.define_flags(DEFAULT_CONFIG)
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=cli.parse_flags)
