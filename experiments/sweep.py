@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -51,12 +52,22 @@ def main(argv=None) -> int:
     from tljax import sweep
 
     quiet_logs()  # each run's plan and compile times on stderr, as experiments.finetune prints them
+    signal.signal(signal.SIGTERM, _stop)
     config = sweep.load_config(args.config)
     workdir = args.workdir or f"runs/sweeps/{config.get('name') or Path(args.config.partition(':')[0]).stem}"
     report = sweep.report(workdir) if args.report_only else run(args, config, workdir).report
     print(report.summary)
     print("\n".join(str(f) for f in report.files))
     return 1 if report.failed else 0
+
+
+def _stop(signum, frame):
+    """SIGTERM (a scheduler, `kill`): the runs in flight get it too (each saves a checkpoint), then the sweep exits;
+    rerunning it resumes them."""
+    from tljax.sweep import runner
+
+    runner.stop_children(signum)
+    raise SystemExit(f"stopped by signal {signum}: the runs in flight were told to save and stop; rerun to resume")
 
 
 def run(args: argparse.Namespace, config, workdir: str):

@@ -206,6 +206,18 @@ def test_config_errors(loaded, tmp_path):
             EngineConfig(accumulate=bad)
 
 
+def test_a_workdir_in_use_is_refused(loaded, tmp_path):
+    """Regression: a sweep stopped with SIGTERM left its children training, and the resumed sweep's new child wrote
+    into the same run folder beside them (orbax: "Directory not empty"). A run holds a lock on its workdir."""
+    held = engine.lock_workdir(tmp_path / "w")  # as another process's run would (flock: per open file)
+    try:
+        with pytest.raises(ValueError, match=rf"{tmp_path / 'w'} is in use by pid \d+ on .*: wait for that run"):
+            fit(loaded, tmp_path, "w", devices=1)
+    finally:
+        held.close()
+    assert int(fit(loaded, tmp_path, "w", devices=1).state.step) == 6  # released: the run goes ahead
+
+
 def test_pmap_in_several_processes_is_refused(monkeypatch):
     """Regression: pmap compiled for every process's devices but was fed this process's: an XLA type error at the
     first step of a multi-host run."""

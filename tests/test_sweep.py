@@ -374,3 +374,42 @@ def test_sweep_configs_give_every_schedule_about_230_steps(tiny_text_dir):
         assert 225 <= total <= 235, (point.name, total)
     assert [p.name for p in sweep.points(tiny_sweep("m"))] == POINTS
     assert sweep.folder_name("model=google/vit-base,lr=0.001").startswith("model=google_vit-base,lr=0.001-")
+
+
+def test_a_stopped_sweep_stops_its_runs_and_starts_no_more(tmp_path, monkeypatch):
+    """Regression: SIGTERM to a sweep of mode "subprocess" left its runs training as orphans, and the next
+    invocation trained beside them. `stop_children` (the sweep's SIGTERM handler) passes the signal on (the engine
+    saves and exits on it) and no run starts or is retried afterwards."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from tljax.sweep import runner
+
+    monkeypatch.setattr(runner, "_STOPPING", threading.Event())
+    trap = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(3)); print('re' + 'ady');"
+    cmd = [sys.executable, "-c", trap + " sys.stdout.flush(); time.sleep(60)"]
+    outcome = {}
+
+    def launch():
+        try:
+            runner._subprocess(cmd, tmp_path)
+        except BaseException as e:  # noqa: BLE001 - the test inspects what the worker thread raised
+            outcome["error"] = e
+
+    worker = threading.Thread(target=launch)
+    worker.start()
+    log = tmp_path / runner.LOG_FILE
+    for _ in range(600):  # the child has set its handler once it prints "ready" (the command line does not)
+        if log.exists() and "ready" in log.read_text():
+            break
+        time.sleep(0.05)
+    (child,) = runner._CHILDREN
+    runner.stop_children(signal.SIGTERM)
+    worker.join(30)
+    assert child.returncode == 3  # it got SIGTERM (the engine's preemption signal), not a kill
+    assert isinstance(outcome["error"], runner.Stopped) and "rerun the sweep to resume" in str(outcome["error"])
+    with pytest.raises(runner.Stopped, match="stopped before"):
+        runner._subprocess(cmd, tmp_path)
+    assert not runner._CHILDREN

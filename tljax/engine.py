@@ -18,11 +18,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -288,6 +290,34 @@ class EvalLog:
             write_json_atomic(self.path, self.rows)
 
 
+LOCK_FILE = ".lock"
+
+
+def lock_workdir(workdir: Path):
+    """An exclusive `flock` on workdir/.lock for the run (process 0), or a ValueError when another process holds it:
+    two trainers in one work directory (a sweep's orphaned child, a second terminal) would interleave checkpoints
+    and logs. The OS releases the lock when its process ends, however it ends. Returns the open file (close it to
+    release), None on other processes."""
+    if jax.process_index() != 0:
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = open(workdir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the run, closed by close()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(
+            f"{workdir} is in use by {holder}: wait for that run to end (or stop it), or use another workdir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Writes JSON beside `path` and renames it into place: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,8 +422,9 @@ class _Run:
         self.loaded, self.schedule, self.config = loaded, schedule, config
         self.train_data, self.eval_data, self.loss_fn = train_data, eval_data, loss_fn
         self.place = Placement(config.parallel, config.devices, config.fsdp_min_size)
-        self.ckpts = None
+        self.ckpts = self.lock = None
         if config.workdir is not None:
+            self.lock = lock_workdir(Path(config.workdir))
             self.ckpts = Checkpoints(Path(config.workdir) / "checkpoints", config.checkpoint)
         self.writer = None
         self.eval_step = evaluation.jitted_eval_step(loaded.model)
@@ -415,6 +446,8 @@ class _Run:
             self.ckpts.close()
         if self.writer is not None:
             self.writer.close()
+        if self.lock is not None:
+            self.lock.close()  # releases the flock
 
     def train(self) -> FitResult:
         candidate = (self.ckpts.latest_step() or 0) if self.ckpts else 0

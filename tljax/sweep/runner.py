@@ -8,7 +8,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -204,13 +206,48 @@ def _logged_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+_CHILDREN: set[subprocess.Popen] = set()  # runs of mode "subprocess" in flight
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+class Stopped(BaseException):
+    """The sweep was stopped: no run starts or is retried (not an `Exception`, so `_run_point` does not retry)."""
+
+
+def stop_children(sig: int = signal.SIGTERM) -> None:
+    """Sends `sig` to every run in flight and starts no more: SIGTERM makes each save a checkpoint and exit
+    (preemption), so a sweep that is stopped stops its runs too, and its next invocation resumes them instead of
+    training beside them."""
+    _STOPPING.set()
+    with _CHILDREN_LOCK:
+        for child in _CHILDREN:
+            child.send_signal(sig)
+
+
 def _subprocess(cmd: list, folder: Path) -> dict:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     with open(folder / LOG_FILE, "a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         env = {**os.environ, "PYTHONPATH": path}  # XLA_FLAGS, thread counts, devices: as here
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        with _CHILDREN_LOCK:
+            if _STOPPING.is_set():
+                raise Stopped(f"the sweep was stopped before {folder.name} started")
+            child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            _CHILDREN.add(child)
+        try:
+            code = child.wait()
+        except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler: the run must not go on alone
+            if not _STOPPING.is_set():
+                child.send_signal(signal.SIGTERM)
+            child.wait()
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(child)
+    if _STOPPING.is_set():
+        raise Stopped(f"{folder.name} stopped with the sweep (exit status {code}); rerun the sweep to resume it")
     if code != 0:
         tail = "\n".join((folder / LOG_FILE).read_text(errors="replace").splitlines()[-30:])
         raise RunFailed(f"{tail}\nexit status {code} (the whole output: {folder / LOG_FILE})")
