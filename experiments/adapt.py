@@ -4,14 +4,15 @@
     python -m experiments.adapt --config experiments/configs/adapt.py:mmd --seeds 0 --workdir runs/mmd0
     python -m experiments.adapt --config experiments/configs/adapt.py:coral,wordnet --config.adapt.weight=10
 
-Each seed trains in <workdir>/seed_<s>/ (default workdir runs/<config name>) and writes its results.json there; a
-seed whose results.json exists is read, not retrained. <workdir>/results.json holds the mean and std over seeds of
-the target and source test accuracies, and every seed's results.
+Each seed trains in <workdir>/seed_<s>/ (default workdir runs/<config name>), writing config.json first and
+results.json at the end; a seed finished with the same config is read, not retrained, one interrupted (SIGTERM:
+"preempted at step N", exit 1, no results.json) resumes when the command is rerun, and a seed dir holding a run of
+another config is an error naming the changed keys (use a new --workdir). <workdir>/results.json holds the mean
+and std over seeds of the target and source test accuracies, and every seed's results.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,14 +22,16 @@ from experiments import cli
 
 
 def run_seed(config, seed: int, workdir: Path) -> dict:
+    """One seed in `workdir`: its results when a run of this config finished there, else trained (an interrupted
+    run resumes; a run of another config there is a ValueError naming the changed keys)."""
     from tljax.adaptation import job
 
-    saved = workdir / "results.json"
-    if saved.is_file():
-        print(f"seed {seed}: finished, reading {saved}", flush=True)
-        return json.loads(saved.read_text())
     config = config.copy_and_resolve_references()
     config.seed = seed
+    finished = job.finished_results(workdir, config)
+    if finished is not None:
+        print(f"seed {seed}: finished, reading {workdir / 'results.json'}", flush=True)
+        return finished
     return job.run(config, workdir)
 
 
@@ -54,4 +57,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     cli.define_flags("experiments/configs/adapt.py", seeds=["0", "1", "2"])
-    app.run(main, sys.argv)
+    app.run(main, sys.argv, flags_parser=cli.parse_flags)

@@ -22,7 +22,10 @@ def define_flags(default_config: str, seeds: list[str] | None = None) -> None:
     """--config (a Python config file, `file.py:arg`, `--config.key=value` overrides), --workdir,
     --compilation_cache, --cpu_devices, and --seeds when `seeds` is given (its default; [] means the config's own
     seed)."""
-    config_flags.DEFINE_config_file("config", default_config, "Config file (py); file.py:arg passes arg.")
+    try:  # the default config is read now, with the --config.<key> overrides of sys.argv
+        config_flags.DEFINE_config_file("config", default_config, "Config file (py); file.py:arg passes arg.")
+    except (AttributeError, KeyError) as e:
+        _exit_unknown_key(e, sys.argv)
     flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
     flags.DEFINE_string("compilation_cache", CACHE_DEFAULT, "JAX's persistent compilation cache ('' : off).")
     flags.DEFINE_string("cpu_devices", "", "Split the CPU into N devices ('auto': one per core) for data parallelism; "
@@ -43,12 +46,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
     except (AttributeError, KeyError) as e:
-        leaf = str(e).strip("\"'")
-        given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and a.split("=", 1)[0].endswith(leaf)]
-        sys.exit(
-            f"{', '.join(given) or leaf}: the config has no key {leaf!r}. Check the spelling against the config file "
-            "(the job's keys and defaults: tljax/job/defaults.py)"
-        )
+        _exit_unknown_key(e, argv)
+
+
+def _exit_unknown_key(error: Exception, argv: list[str]):
+    leaf = str(error).strip("\"'")
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and a.split("=", 1)[0].endswith(leaf)]
+    sys.exit(
+        f"{', '.join(given) or leaf}: the config has no key {leaf!r}. Check the spelling against the config file "
+        "(the job's keys and defaults: tljax/job/defaults.py)"
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts (--top, --parallel): 0 or less is a usage error, not an empty result."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def start(argv, fallback_name: str):

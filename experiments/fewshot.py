@@ -87,7 +87,9 @@ def text_zero_shot(job, source, sets: dict) -> dict:
         raise ValueError(f"zero_shot.class_names has {len(names)} names for {len(job.label_names)} classes")
     templates = list(job.config.zero_shot.templates or tzs.TEMPLATES)
     tokenizer = load_tokenizer(model_folder(job.config.model.name))
-    classes = tzs.class_embeddings(job.loaded, tokenizer, names, templates, max_length=job.config.data.max_length)
+    # The class prompts pooled like the texts (probe.pooling / probe.layer): scores compare like with like.
+    classes = tzs.class_embeddings(job.loaded, tokenizer, names, templates, max_length=job.config.data.max_length,
+                                   pooling=source.pooling, layer=source.layer)  # fmt: skip
     scores = tzs.scores(source.x, classes)
     return {
         "class_names": names,
@@ -212,4 +214,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     cli.define_flags("experiments/configs/fewshot.py")
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=cli.parse_flags)

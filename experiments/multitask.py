@@ -5,7 +5,9 @@
 
 Each seed trains in <workdir>/seed_<s> (default workdir runs/<config name>) and writes results.json there (per-task
 test accuracy, the mixing rates, learned log-variances); <workdir>/summary.json holds mean and std over the seeds.
-A seed whose results.json exists is read, not retrained. `build(config)` and `run(config, workdir)` are the
+config.json is written before training: a seed finished with the same config is read, not retrained, one interrupted
+(SIGTERM: "preempted at step N", exit 1) resumes when rerun, and a seed dir holding a run of another config is an
+error naming the changed keys (use a new --workdir). `build(config)` and `run(config, workdir)` are the
 importable steps (tests build every argument of the config without training).
 """
 
@@ -24,6 +26,7 @@ from absl import app
 from experiments import cli
 from tljax import data, engine, multitask
 from tljax.job.build import make_inputs, make_schedule, model_folder
+from tljax.job.run import RESULTS, finished_run, resolved, write_config
 from tljax.models import hub
 
 
@@ -100,12 +103,16 @@ def build(config, workdir: str | None = None) -> MultiTaskJob:
 
 
 def run(config, workdir: str | Path) -> dict:
-    """Trains one seed, evaluates every head on its task's test split; results.json in `workdir` (atomic)."""
+    """Trains one seed, evaluates every head on its task's test split; results.json in `workdir` (atomic). A workdir
+    holding results of the same config returns them; one holding a run of another config (results or a checkpoint) is
+    a ValueError naming the changed keys (as `tljax.job.run`)."""
     workdir = Path(workdir)
-    if (workdir / "results.json").is_file():
-        return json.loads((workdir / "results.json").read_text())
+    finished = finished_run(workdir, config)
+    if finished is not None:
+        return finished
     t0 = time.perf_counter()
     job = build(config, str(workdir))
+    write_config(workdir, config)  # before training: a checkpoint always has its config beside it
     result = engine.fit(job.loaded, job.schedule, job.train_data, job.engine_config, loss_fn=job.loss_fn)
     if result.status == "preempted":
         raise SystemExit(f"preempted at step {int(result.state.step)}: rerun the same command to resume")
@@ -124,9 +131,10 @@ def run(config, workdir: str | Path) -> dict:
         "log_variances": multitask.log_variances(params),
         "final_train_metrics": last,
         "steps": int(result.state.step),
+        "config": resolved(config),
         "wall_seconds": time.perf_counter() - t0,
     }
-    engine.write_json_atomic(workdir / "results.json", results)
+    engine.write_json_atomic(workdir / RESULTS, results)
     return results
 
 
@@ -159,4 +167,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     cli.define_flags("experiments/configs/multitask.py", seeds=[])
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=cli.parse_flags)

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.cli import positive_int
+
 
 def load(workdir: str):
     """(loaded model, label names, input description, tokenizer or None) from a job's export folder."""
@@ -56,7 +58,7 @@ def batches(items: list[str], inputs: dict, tokenizer, batch_size: int = 32):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a finished experiments.finetune work directory")
-    parser.add_argument("--top", type=int, default=3, help="classes to show per input")
+    parser.add_argument("--top", type=positive_int, default=3, help="classes to show per input")
     parser.add_argument("inputs", nargs="+", help="texts (text models) or image paths (image models)")
     args = parser.parse_args(argv)
     from tljax import evaluation

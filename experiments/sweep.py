@@ -22,12 +22,14 @@ import signal
 import sys
 from pathlib import Path
 
+from experiments.cli import positive_int
+
 
 def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="sweep config file (file.py or file.py:arg)")
     p.add_argument("--workdir", default=None, help="work directory (default: runs/sweeps/<sweep name>)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (> 1: one process per run)")
+    p.add_argument("--parallel", type=positive_int, default=1, help="runs at a time (> 1: one process per run)")
     p.add_argument("--mode", choices=("inprocess", "subprocess"), default=None,
                    help="default: inprocess, or subprocess when --parallel > 1")  # fmt: skip
     p.add_argument("--shard", type=shard, default=None, help="i/n: run points i, i+n, ... (one process per host)")

@@ -292,3 +292,96 @@ def test_adapt_configs_build_without_training(arg):
         frozen = {p for p in tree.paths(built.loaded.params) if "layer_3/" in p or "embeddings/" in p}
         trainable = {p for p, t in tree.flatten(part.trainable_mask).items() if t}
         assert frozen and not frozen & trainable and any("layer_5/" in p for p in trainable)
+
+
+# ---- job.run: preemption and reruns (build, fit and evaluate stubbed: the bookkeeping alone) -----------------------
+
+
+@pytest.fixture
+def fake_fit(monkeypatch):
+    """job.run with stand-ins for build, engine.fit and evaluate. Set `fake.status` / `fake.step`; `fake.calls`
+    counts fits; a fit writes a checkpoint folder for its step (what a rerun would resume) and records whether
+    config.json was already written."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(status="completed", step=10, calls=0, config_written=[])
+
+    def build(config, workdir=None):
+        return SimpleNamespace(loaded=None, schedule=None, train_data=None, engine_config=None, loss_fn=None,
+                               test_data={"source": lambda: None, "target": lambda: None},
+                               splits={"source_train": [0] * 4}, workdir=workdir)  # fmt: skip
+
+    def fit(*args, **kwargs):
+        fake.calls += 1
+        workdir = fake.workdir
+        fake.config_written.append((workdir / "config.json").is_file())
+        (workdir / "checkpoints" / str(fake.step)).mkdir(parents=True, exist_ok=True)
+        state = SimpleNamespace(step=np.int32(fake.step), params=None, collections=None)
+        return SimpleNamespace(state=state, status=fake.status, history=[], plan=SimpleNamespace(total_steps=10))
+
+    monkeypatch.setattr(job, "build", build)
+    monkeypatch.setattr(job.engine, "fit", fit)
+    monkeypatch.setattr(job.evaluation, "evaluate", lambda *a, **k: {"accuracy": 0.5})
+    return fake
+
+
+def adapt_config(**changes):
+    from experiments.configs import adapt as configs
+
+    config = configs.get_config("coral")
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        target = config
+        for k in path:
+            target = target[k]
+        target[last] = value
+    return config
+
+
+def test_a_preempted_adapt_run_stops_writes_no_results_and_a_rerun_resumes(fake_fit, tmp_path):
+    """Regression: job.run ignored status "preempted": it tested the half-trained model, wrote it to results.json as
+    the result (status preempted) and `experiments.adapt` then read that file on every rerun, never resuming."""
+    from experiments import adapt as cli_adapt
+
+    fake_fit.workdir = tmp_path / "seed_0"
+    fake_fit.status, fake_fit.step = "preempted", 6
+    with pytest.raises(SystemExit, match="preempted at step 6: rerun the same command to resume"):
+        cli_adapt.run_seed(adapt_config(), 0, tmp_path / "seed_0")
+    assert not (tmp_path / "seed_0" / "results.json").exists()
+    fake_fit.status, fake_fit.step = "completed", 10
+    out = cli_adapt.run_seed(adapt_config(), 0, tmp_path / "seed_0")
+    assert fake_fit.calls == 2 and out["status"] == "completed"  # the rerun trained (resumed) again
+    assert cli_adapt.run_seed(adapt_config(), 0, tmp_path / "seed_0") == out and fake_fit.calls == 2  # finished
+
+
+def test_a_preempted_results_json_of_an_earlier_version_is_set_aside_and_resumed(fake_fit, tmp_path):
+    """A results.json with status "preempted" (written before the fix) is no result: kept as
+    results.preempted.json, and the run resumes from its checkpoint."""
+    from experiments import adapt as cli_adapt
+
+    seed_dir = fake_fit.workdir = tmp_path / "seed_0"
+    seed_dir.mkdir()
+    (seed_dir / "results.json").write_text('{"status": "preempted", "steps": 400, "target_test_accuracy": 0.1}')
+    out = cli_adapt.run_seed(adapt_config(), 0, seed_dir)
+    assert fake_fit.calls == 1 and out["status"] == "completed"
+    assert '"preempted"' in (seed_dir / "results.preempted.json").read_text()
+
+
+def test_an_adapt_rerun_with_another_config_is_refused(fake_fit, tmp_path):
+    """Regression: a rerun in the same workdir with another config reported the old seed results as its own."""
+    from experiments import adapt as cli_adapt
+
+    seed_dir = fake_fit.workdir = tmp_path / "seed_0"
+    first = cli_adapt.run_seed(adapt_config(), 0, seed_dir)
+    assert fake_fit.config_written == [True]  # before training: a checkpoint always has its config beside it
+    assert first["config"]["adapt"]["weight"] == 1.0
+    changed = adapt_config(**{"adapt.weight": 50.0, "schedule.args.steps": 20})
+    with pytest.raises(ValueError, match=r"adapt\.weight, schedule\.args\.steps differ\): use a new --workdir"):
+        cli_adapt.run_seed(changed, 0, seed_dir)
+    assert cli_adapt.run_seed(adapt_config(name="relabelled"), 0, seed_dir) == first  # the name is a label
+    fake_fit.workdir, fake_fit.status = tmp_path / "seed_1", "preempted"  # a checkpoint, no results: still refused
+    with pytest.raises(SystemExit):
+        cli_adapt.run_seed(adapt_config(), 1, tmp_path / "seed_1")
+    with pytest.raises(ValueError, match=r"adapt\.weight differ"):
+        cli_adapt.run_seed(adapt_config(**{"adapt.weight": 50.0}), 1, tmp_path / "seed_1")
+    assert fake_fit.calls == 2

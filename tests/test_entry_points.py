@@ -127,3 +127,7 @@ def test_every_entry_point_imports_into_one_process_and_parses_its_flags():
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode != 0
     assert "--cpu_devices: CPU device count: expected a positive integer or 'auto', got 'two'" in bad.stderr
+    for name in ("finetune", "adapt", "multitask", "fewshot"):  # regression: a bare AttributeError from ml_collections
+        typo = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--config.bogus_key=1"], cwd=ROOT,
+                              capture_output=True, text=True)  # fmt: skip
+        assert typo.returncode == 1 and "--config.bogus_key: the config has no key 'bogus_key'" in typo.stderr, name

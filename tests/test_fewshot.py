@@ -187,6 +187,39 @@ def test_text_zero_shot_matches_pytorch_and_numpy(tiny_bert_dir, tiny_tokenizer)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("pooling, layer", [("cls", None), ("mean", 0), ("cls", 0)])
+def test_experiment_zero_shot_pools_class_prompts_like_the_examples(tiny_bert_dir, tiny_tokenizer, monkeypatch,
+                                                                      pooling, layer):  # fmt: skip
+    """experiments.fewshot's text zero-shot embeds the class prompts with the pooling and layer of the example
+    features (probe.pooling / probe.layer): a prompt given as an example is its own class vector."""
+    from types import SimpleNamespace
+
+    import tljax.job
+    import tljax.models as tm
+    from experiments import fewshot as experiment
+    from tljax import features
+    from tljax.data.pipeline import EvalData
+    from tljax.data.text import TextBatcher
+
+    loaded = tm.load_pretrained(tiny_bert_dir)
+    names = ["animal", "plant", "food", "time"]
+    monkeypatch.setattr(tljax.job, "model_folder", lambda name: tiny_bert_dir)
+    monkeypatch.setattr(tm, "load_tokenizer", lambda folder: tiny_tokenizer)
+    batches = EvalData([{"text": n, "label": i} for i, n in enumerate(names)], batch_size=4,
+                       collate=TextBatcher(tiny_tokenizer, 16, (8, 16)))  # fmt: skip
+    source = features.extract(loaded, batches(), layer=layer, pooling=pooling)
+    job = SimpleNamespace(
+        loaded=loaded, label_names=names, splits=SimpleNamespace(train=SimpleNamespace(kind="text")),
+        config=SimpleNamespace(zero_shot=SimpleNamespace(class_names=names, templates=["{}"]),
+                               model=SimpleNamespace(name="tiny"), data=SimpleNamespace(max_length=16)),
+    )  # fmt: skip
+    seen = []
+    scores = tzs.scores
+    monkeypatch.setattr(tzs, "scores", lambda texts, classes: seen.append(classes) or scores(texts, classes))
+    experiment.text_zero_shot(job, source, {})
+    np.testing.assert_allclose(seen[0], tzs.normalize(source.x), atol=1e-5)
+
+
 # --- the experiment, end to end on a tiny BERT (bert-base-uncased's stand-in: real WordPiece vocabulary) ---
 
 

@@ -305,3 +305,37 @@ def test_experiment_config_builds_without_training(arg, hub_cache):
     assert sum(job.rates.values()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown multitask config"):
         importlib.import_module("experiments.configs.multitask").get_config("single_nope")
+
+
+def test_a_multitask_rerun_with_another_config_is_refused(monkeypatch, tmp_path):
+    """Regression: a rerun in the same workdir with another config (more steps, another weighting) reported the old
+    results.json; now config.json is written before training and a rerun of another config is an error naming the
+    keys (build, fit and evaluation stubbed: the bookkeeping alone)."""
+    from types import SimpleNamespace
+
+    experiment = importlib.import_module("experiments.multitask")
+    calls = []
+
+    def build(config, workdir=None):
+        return SimpleNamespace(loaded=None, schedule=None, train_data=None, engine_config=None, loss_fn=None,
+                               train={"a": [0] * 4}, test={"a": [0] * 2}, rates={"a": 1.0}, test_data={})  # fmt: skip
+
+    def fit(*args, **kwargs):
+        calls.append((tmp_path / "seed_0" / "config.json").is_file())
+        (tmp_path / "seed_0" / "checkpoints" / "10").mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(state=SimpleNamespace(step=np.int32(10), params={}), status="completed", history=[])
+
+    monkeypatch.setattr(experiment, "build", build)
+    monkeypatch.setattr(engine, "fit", fit)
+    monkeypatch.setattr(multitask, "evaluate_tasks", lambda *a, **k: {"a": {"accuracy": 0.5}})
+    monkeypatch.setattr(multitask, "log_variances", lambda params: {})
+    config = importlib.import_module("experiments.configs.multitask").get_config("multi")
+    first = experiment.run(config, tmp_path / "seed_0")
+    assert calls == [True] and first["config"]["loss"]["weighting"] == config.loss.weighting
+    assert experiment.run(config, tmp_path / "seed_0") == first and len(calls) == 1
+    other = config.copy_and_resolve_references()
+    other.loss.weighting = "uncertainty"
+    other.schedule.phases[0]["steps"] = 40
+    with pytest.raises(ValueError, match=r"loss\.weighting, schedule\.phases.* differ\): use a new --workdir"):
+        experiment.run(other, tmp_path / "seed_0")
+    assert len(calls) == 1

@@ -139,6 +139,25 @@ def test_min_blocks_and_disk_cache(bert, tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.npz"))) == 2
 
 
+def test_disk_cache_refuses_rows_of_other_data(bert, tmp_path):
+    """A file under a data_key holds the rows of the data that filled it: other data under the same key (a sweep's
+    seed picking other rows; fewer or more rows) is an error naming the data_key and the directory, never a run
+    trained on the wrong activations (or an IndexError)."""
+    schedule = top_k(2, 2)
+    disk = PrefixCache(directory=str(tmp_path), data_key="toy:train")
+    data = lambda n, seed: TrainData(text_split(n, seed), batch_size=8, seed=3, collate=pad_to_bucket, threads=1)
+    fit(bert, schedule, data(40, 0), prefix_cache=disk)
+    for n, seed, message in ((40, 1, "other training data with the same number of rows"),
+                             (24, 2, "40 rows, but the training data has 24"),
+                             (56, 2, "40 rows, but the training data has 56")):  # fmt: skip
+        with pytest.raises(ValueError, match=message) as e:
+            fit(bert, schedule, data(n, seed), prefix_cache=disk)
+        assert "'toy:train'" in str(e.value) and str(tmp_path) in str(e.value) and "seed" in str(e.value)
+    # the same data (a TrainData of its own, another batch size: other bucket padding) reads the file
+    same = TrainData(text_split(40, 0), batch_size=5, seed=3, collate=pad_to_bucket, threads=1)
+    assert fit(bert, schedule, same, prefix_cache=disk).history[0].prefix_blocks == 1
+
+
 def test_resnet_top_stage_from_the_cache(tmp_path_factory):
     """BatchNorm: the cached stages normalise with their running statistics, as the frozen ones of the plain run
     do; the trained stage's statistics update the same in both runs."""

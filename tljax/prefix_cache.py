@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -52,7 +53,9 @@ class PrefixCache:
       directory: keep the activations on disk here (`.npz` per prefix, keyed like the feature cache), so the runs
         of a sweep share them; None keeps them in memory for this `fit` call only.
       data_key: names the training data and its preprocessing (required with `directory`, as for
-        `features.cached_extract`: the cache cannot see inside the pipeline).
+        `features.cached_extract`): the split, subset and seed that pick its rows too. A file is served only to
+        the data that filled it (same rows, same hash of their model inputs, checked with one pass of the input
+        pipeline); other data under the same key is an error, never a run on the wrong activations.
     """
 
     min_blocks: int = 1
@@ -145,15 +148,9 @@ def hidden_step(variables, inputs, *, module, block: str):
     return features.captured(state["intermediates"], block)
 
 
-def compute(loaded, train_data: TrainData, depth: int, *, params=None, collections=None, mesh=None) -> np.ndarray:
-    """The output of block depth-1 for every example of `train_data.split`, in index order: (N, ...) with the
-    model's activation dtype; token rows zero-padded to the longest batch's length."""
-    check_data(train_data)
-    module, variables = features.backbone_of(loaded, params, collections)
-    mesh = mesh or parallel.make_mesh()
-    variables = jax.device_put(variables, parallel.replicated(mesh))
-    block = loaded.family.block_regex(depth - 1)
-    data = EvalData(
+def _in_order(train_data: TrainData) -> EvalData:
+    """Every example of `train_data.split` once, in index order, as the model sees it (no augmentation)."""
+    return EvalData(
         train_data.split,
         batch_size=train_data.batch_size,
         transform=train_data.transform,
@@ -161,15 +158,58 @@ def compute(loaded, train_data: TrainData, depth: int, *, params=None, collectio
         process_index=0,
         process_count=1,
     )
+
+
+def _hash_rows(digest, batch: Mapping) -> None:
+    """Adds the model inputs of the batch's real rows to `digest`, padding excluded (token arrays cut to their
+    attention mask), so the same examples hash the same whatever the batch size or padding bucket."""
+    real = np.asarray(batch["mask"]) > 0
+    inputs = {k: np.asarray(v)[real] for k, v in sorted(model_inputs(batch).items())}
+    attention = inputs.get("attention_mask")
+    for i in range(int(real.sum())):
+        for name, value in inputs.items():
+            row = value[i]
+            if attention is not None and row.ndim >= 1 and row.shape[:1] == attention.shape[1:2]:
+                row = row[attention[i] > 0]
+            row = np.ascontiguousarray(row)
+            digest.update(f"{name}:{row.dtype}:{row.shape};".encode())
+            digest.update(row.tobytes())
+
+
+def fingerprint(train_data: TrainData) -> tuple[int, str]:
+    """(rows, hash of their model inputs) of the data a prefix is cached for: one pass of the input pipeline, no
+    model (what the disk cache compares before serving a file)."""
+    digest, rows = hashlib.blake2b(digest_size=16), 0
+    for batch in _in_order(train_data):
+        _hash_rows(digest, batch)
+        rows += int((np.asarray(batch["mask"]) > 0).sum())
+    return rows, digest.hexdigest()
+
+
+def compute(
+    loaded, train_data: TrainData, depth: int, *, params=None, collections=None, mesh=None, with_fingerprint=False
+):
+    """The output of block depth-1 for every example of `train_data.split`, in index order: (N, ...) with the
+    model's activation dtype; token rows zero-padded to the longest batch's length. `with_fingerprint`: returns
+    (rows, `fingerprint(train_data)`'s hash), hashed in the same pass."""
+    check_data(train_data)
+    module, variables = features.backbone_of(loaded, params, collections)
+    mesh = mesh or parallel.make_mesh()
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    block = loaded.family.block_regex(depth - 1)
+    digest = hashlib.blake2b(digest_size=16)
     rows = []
-    for batch in data:
+    for batch in _in_order(train_data):
+        if with_fingerprint:
+            _hash_rows(digest, batch)
         batch = parallel.pad_to_devices(batch, mesh)
         out = hidden_step(variables, parallel.global_batch(model_inputs(batch), mesh), module=module, block=block)
         rows.append(features.local_rows(out)[np.asarray(batch["mask"]) > 0])
     if rows[0].ndim == 3:  # tokens: batches padded to different buckets
         width = max(r.shape[1] for r in rows)
         rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    return np.concatenate(rows)
+    hidden = np.concatenate(rows)
+    return (hidden, digest.hexdigest()) if with_fingerprint else hidden
 
 
 def _prefix_variables(loaded, variables: Mapping, depth: int) -> dict:
@@ -202,14 +242,37 @@ class Store:
         hidden = None
         if path is not None and os.path.exists(path):
             feats, meta = features.load_features(path)
-            hidden = feats.x if meta == parts else None
+            if {k: meta.get(k) for k in parts} == parts and "fingerprint" in meta:  # older files: no fingerprint
+                self._check_same_data(path, len(feats.x), meta["fingerprint"], train_data)
+                hidden = feats.x
         if hidden is None:
-            hidden = compute(loaded, train_data, depth, params=params, collections=collections)
-            if path is not None:
+            if path is None:
+                hidden = compute(loaded, train_data, depth, params=params, collections=collections)
+            else:
+                hidden, digest = compute(loaded, train_data, depth, params=params, collections=collections,
+                                         with_fingerprint=True)  # fmt: skip
                 labels = np.full((len(hidden),), -1, np.int64)
-                features.save_features(path, features.Features(hidden, labels, depth - 1, "prefix"), parts)
+                meta = {**parts, "fingerprint": digest}
+                features.save_features(path, features.Features(hidden, labels, depth - 1, "prefix"), meta)
         self.latest = (key, hidden)
         return hidden
+
+    def _check_same_data(self, path, cached_rows: int, cached_digest: str, train_data: TrainData) -> None:
+        """The file at `path` holds the rows of `train_data`, or a ValueError saying what to change."""
+        rows, digest = fingerprint(train_data)
+        if rows == cached_rows and digest == cached_digest:
+            return
+        what = (
+            f"{cached_rows} rows, but the training data has {rows}"
+            if rows != cached_rows
+            else "the rows of other training data with the same number of rows (its model inputs differ)"
+        )
+        raise ValueError(
+            f"prefix_cache: the cached activations under data_key {self.config.data_key!r} in directory "
+            f"{self.config.directory!r} ({os.path.basename(path)}) hold {what}. The data_key must name the data "
+            f"exactly (split, subset, seed, preprocessing), e.g. {self.config.data_key + '|seed=1'!r} for a sweep "
+            f"whose seed picks the rows; or use a fresh directory"
+        )
 
 
 # --- batches with the cached rows ---

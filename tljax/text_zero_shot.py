@@ -11,7 +11,8 @@ excluded), L2-normalised; cosine similarity of these embeddings is what they wer
 2019), so class names put into a few templates are a classifier without training. Prompt ensembling is CLIP's
 (`tljax.zero_shot`, whose `prompts` this module shares): per class, the mean of its normalised prompt embeddings,
 normalised again. Embeddings come from `tljax.features.extract`, so texts already extracted for probes or few-shot
-episodes (pooling "mean", final layer) are the same vectors after `normalize`.
+episodes are the same vectors after `normalize` when the class prompts are embedded with the same pooling and
+layer (`class_embeddings(..., pooling=feats.pooling, layer=feats.layer)`; the defaults: "mean", final layer).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 def embed(
-    loaded, tokenizer, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 256, pooling: str = "mean"
+    loaded,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 128,
+    batch_size: int = 256,
+    pooling: str = "mean",
+    layer: int | None = None,
 ) -> np.ndarray:
     """(N, D) unit embeddings of `texts`: the backbone's final output pooled (mean over real tokens), normalised.
 
@@ -50,19 +58,22 @@ def embed(
       loaded: a text `Pretrained` (a `WithHead` model contributes its backbone).
       tokenizer: the checkpoint's tokenizer (`tljax.models.load_tokenizer`).
       max_length: truncation in tokens; batches pad to multiples of 8 up to it.
+      pooling, layer: as in `tljax.features.extract` (default: mean over the final output, the sentence embedding);
+        give those of the texts' features when class vectors are compared with features extracted otherwise.
     """
     if not len(texts):
         raise ValueError("embed needs at least one text")
     buckets = tuple(range(8, max_length, 8)) + (max_length,)
     batches = EvalData([{"text": t} for t in texts], batch_size=min(batch_size, len(texts)),
                        collate=TextBatcher(tokenizer, max_length, buckets))  # fmt: skip
-    return normalize(features.extract(loaded, batches(), pooling=pooling).x)
+    return normalize(features.extract(loaded, batches(), layer=layer, pooling=pooling).x)
 
 
 def class_embeddings(
     loaded, tokenizer, class_names: Sequence[str], templates: Sequence[str] = TEMPLATES, **embed_options
 ) -> np.ndarray:
-    """(C, D) unit class vectors: every template filled with every class name, embedded, ensembled per class."""
+    """(C, D) unit class vectors: every template filled with every class name, embedded, ensembled per class.
+    `embed_options` go to `embed` (max_length, batch_size, pooling, layer): score against texts pooled the same way."""
     emb = embed(loaded, tokenizer, prompts(class_names, templates), **embed_options)
     return normalize(emb.reshape(len(class_names), len(templates), -1).mean(axis=1))
 

@@ -15,6 +15,7 @@ final test accuracy (no model selection on the target: the final state is evalua
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 from tljax import data, engine, evaluation, freezing
 from tljax.data.records import Split
 from tljax.job.build import from_scratch, load_model, make_engine_config, make_inputs, make_schedule, model_folder
+from tljax.job.run import RESULTS, finished_run, resolved, write_config
 from tljax.models import hub
 
 from .data import AdaptationData
@@ -103,10 +105,23 @@ def build(config, workdir: str | None = None) -> AdaptJob:
 
 def run(config, workdir: str | os.PathLike | None) -> dict:
     """Trains one seed and writes `workdir/results.json` (atomically): source / target test metrics, the last
-    training metrics and timings. workdir None: in memory, nothing written."""
+    training metrics, the config and timings. workdir None: in memory, nothing written.
+
+    As `tljax.job.run`: config.json is written before training; a workdir holding results of the same config returns
+    them without training, one holding a run of another config (results or a checkpoint) is a ValueError (use a new
+    workdir), and a preempted run raises SystemExit, writes no results and resumes when rerun."""
     t0 = time.perf_counter()
+    if workdir is not None:
+        workdir = Path(workdir)
+        finished = finished_results(workdir, config)
+        if finished is not None:
+            return finished
     job = build(config, None if workdir is None else str(workdir))
+    if workdir is not None:
+        write_config(workdir, config)
     result = engine.fit(job.loaded, job.schedule, job.train_data, job.engine_config, loss_fn=job.loss_fn)
+    if result.status == "preempted":  # the state is part-trained: no result; a rerun resumes from the checkpoint
+        raise SystemExit(f"preempted at step {int(result.state.step)}: rerun the same command to resume")
     state = result.state
     tests = {name: evaluation.evaluate(job.loaded, d(), params=state.params, collections=state.collections)
              for name, d in job.test_data.items()}  # fmt: skip
@@ -118,14 +133,26 @@ def run(config, workdir: str | os.PathLike | None) -> dict:
         "source_test_accuracy": tests["source"]["accuracy"],
         "test": tests,
         "train_metrics": result.history[-1].metrics if result.history else {},
-        "steps": result.plan.total_steps,
+        "steps": int(state.step),
+        "planned_steps": result.plan.total_steps,
         "sizes": {k: len(v) for k, v in job.splits.items()},
         "status": result.status,
+        "config": resolved(config),
         "wall_seconds": time.perf_counter() - t0,
     }
     if workdir is not None:
-        engine.write_json_atomic(Path(workdir) / "results.json", out)
+        engine.write_json_atomic(workdir / RESULTS, out)
     return out
+
+
+def finished_results(workdir: Path, config) -> dict | None:
+    """The results of a finished run of `config` in `workdir`, else None (nothing, or an interrupted run to resume).
+    A run of another config there is a ValueError naming the changed keys. A results.json of a preempted run (which
+    earlier versions wrote: not a result) is renamed results.preempted.json and the run resumes from its checkpoint."""
+    stale = workdir / RESULTS
+    if stale.is_file() and json.loads(stale.read_text()).get("status") == "preempted":
+        os.replace(stale, workdir / "results.preempted.json")
+    return finished_run(workdir, config)
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -40,7 +40,7 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     another config that saved nothing (rejected at its first step) is moved to workdir/attempts/<n>/.
     """
     workdir = Path(workdir)
-    finished = _finished(workdir, config)
+    finished = finished_run(workdir, config)
     if finished is not None:
         log.info("%s is finished: reporting its results without training", workdir)
         return finished
@@ -48,7 +48,7 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     job = build(config, str(workdir))
     if not progress:
         job.engine_config = engine.EngineConfig(**{**vars(job.engine_config), "progress": False})
-    _write_config(workdir, config)
+    write_config(workdir, config)
     log.info("data: %s; inputs: %s", job.splits.sizes(), job.inputs.describe())
     from tljax.job import untrained as modes  # probe / zero_shot: jobs that train no schedule
 
@@ -67,7 +67,9 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     return results
 
 
-def _finished(workdir: Path, config) -> dict | None:
+def finished_run(workdir: Path, config) -> dict | None:
+    """The results of a finished run of `config` in `workdir`, else None (nothing there, or a run to resume); a run
+    of another config there is a ValueError naming the changed keys (shared by the adapt and multitask jobs)."""
     if (workdir / CONFIG).is_file():
         changed = config_changes(json.loads((workdir / CONFIG).read_text()), resolved(config))
         if changed and _holds_a_run(workdir):
@@ -134,7 +136,8 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _write_config(workdir: Path, config) -> None:
+def write_config(workdir: Path, config) -> None:
+    """config.json (resolved), before training: a checkpoint always has its config beside it."""
     if jax.process_index() == 0:
         engine.write_json_atomic(workdir / CONFIG, resolved(config))
 
