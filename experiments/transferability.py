@@ -110,7 +110,7 @@ def cached_layers(loaded, batches_fn, specs, *, cache_dir, data_key: str, checkp
     specs = [(features.resolve_layer(loaded, layer), pooling) for layer, pooling in specs]
     parts = [features.cache_parts(checkpoint, layer, pooling, data_key, dtype) for layer, pooling in specs]
     paths = [features.cache_path(cache_dir, p) for p in parts]
-    found = [features.load_features(p) if p.exists() else (None, None) for p in paths]
+    found = [features.load_cached(p) for p in paths]
     out = [f if meta == p else None for (f, meta), p in zip(found, parts, strict=True)]
     missing = [i for i, f in enumerate(out) if f is None]
     if missing:

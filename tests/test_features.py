@@ -1,6 +1,7 @@
 """Feature extraction: parity of every block and pooling with HF PyTorch `hidden_states`, masking, WithHead models,
 one compile per batch shape, and the disk cache (hits skip the model; every key part changes the file)."""
 
+import logging
 import os
 
 import jax
@@ -165,6 +166,24 @@ def test_cache_hit_loads_without_running(bert, tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]  # the temp file was renamed, nothing left behind
     # The same block named from the bottom is the same entry.
     features.cached_extract(bert, _raise, **{**kw, "layer": 1})
+
+
+def test_a_damaged_cache_file_is_computed_again(bert, tmp_path, caplog):
+    """Regression: a truncated .npz (a partial copy; tljax's own writes are atomic) raised a bare EOFError naming no
+    file; it is now named in a warning and computed again."""
+    kw = dict(cache_dir=tmp_path, data_key="toy:train|len=9", layer=-1, pooling="mean")
+    first = features.cached_extract(bert, _batches, **kw)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(path.read_bytes()[:100])
+    logger = logging.getLogger("tljax")
+    logger.addHandler(caplog.handler)  # whether or not an entry point stopped tljax's records propagating
+    try:
+        again = features.cached_extract(bert, _batches, **kw)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"feature cache file {path} is damaged" in caplog.text
+    np.testing.assert_array_equal(again.x, first.x)
+    np.testing.assert_array_equal(features.cached_extract(bert, _raise, **kw).x, first.x)  # rewritten: a hit
 
 
 def test_cache_key_parts_each_change_the_file(bert, tmp_path, monkeypatch):

@@ -22,9 +22,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ from jax.sharding import Mesh
 from tljax import parallel, tree
 from tljax.losses import model_inputs
 from tljax.models.heads import WithHead, mean_pool, pool
+
+log = logging.getLogger("tljax")
 
 HIDDEN_POOLINGS = ("cls", "mean", "spatial_mean")  # poolings of a hidden state; others name a model output
 CACHE_VERSION = 1  # bump when the meaning of cached files changes
@@ -318,6 +322,18 @@ def load_features(path: str | os.PathLike) -> tuple[Features, dict]:
         return Features(z["x"], z["labels"], meta.get("layer"), meta.get("pooling", "cls")), meta
 
 
+def load_cached(path: str | os.PathLike) -> tuple[Features | None, dict | None]:
+    """`load_features` of a cache file, or (None, None) when there is none or it is damaged (a truncated copy, a
+    full disk outside tljax's atomic writes): a warning names it, and the caller computes and overwrites it."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        return load_features(path)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        log.warning("feature cache file %s is damaged (%s: %s): computing it again", path, type(e).__name__, e)
+        return None, None
+
+
 def cached_extract(
     loaded,
     batches_fn: Callable[[], Iterable[Mapping]],
@@ -349,10 +365,9 @@ def cached_extract(
     dtype = str(jnp.dtype(getattr(module, "dtype", jnp.float32)))
     parts = cache_parts(checkpoint, index, pooling, data_key, dtype)
     path = cache_path(cache_dir, parts)
-    if path.exists():
-        feats, meta = load_features(path)
-        if meta == parts:
-            return feats
+    feats, meta = load_cached(path)
+    if meta == parts:
+        return feats
     feats = extract(
         loaded, batches_fn(), layer=index, pooling=pooling, params=params, collections=collections, mesh=mesh
     )

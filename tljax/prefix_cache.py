@@ -240,11 +240,10 @@ class Store:
             parts = features.cache_parts(checkpoint, depth - 1, "prefix", self.config.data_key, dtype)
             path = features.cache_path(self.config.directory, parts)
         hidden = None
-        if path is not None and os.path.exists(path):
-            feats, meta = features.load_features(path)
-            if {k: meta.get(k) for k in parts} == parts and "fingerprint" in meta:  # older files: no fingerprint
-                self._check_same_data(path, len(feats.x), meta["fingerprint"], train_data)
-                hidden = feats.x
+        feats, meta = features.load_cached(path) if path is not None else (None, None)
+        if meta is not None and {k: meta.get(k) for k in parts} == parts and "fingerprint" in meta:  # older: none
+            self._check_same_data(path, len(feats.x), meta["fingerprint"], train_data)
+            hidden = feats.x
         if hidden is None:
             if path is None:
                 hidden = compute(loaded, train_data, depth, params=params, collections=collections)
